@@ -1,0 +1,1041 @@
+#!/usr/bin/env python
+"""fer: facial expression recognition with classic CNNs trained from scratch.
+
+    python fer.py train    --data ../shared/data/fer5 --model resnet34
+    python fer.py validate --checkpoint runs/resnet34/best.pt
+    python fer.py test     --checkpoint runs/resnet34/best.pt --data ../shared/data/fer5
+    python fer.py predict  --checkpoint runs/resnet34/best.pt face.jpg faces/
+    python fer.py bench    --model resnet34
+    python fer.py export   --checkpoint runs/resnet34/best.pt --out checkpoints/resnet34.pt
+
+This file owns the data, the loops, the checkpoints and the command line;
+nets.py holds the networks and metrics.py the confusion-matrix metrics.
+Run `python fer.py <command> --help` for every option and its default.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image, ImageDraw
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.utils import make_grid
+
+import metrics
+from nets import MODELS
+
+# Per-network training recipes: the defaults of `train`. Every value was chosen on
+# the validation split (see README, "Method"); any of them can be overridden.
+RECIPES = {
+    "alexnet": dict(image_size=64, batch_size=64, optimizer="sgd", lr=0.01, epochs=40),
+    "vgg11": dict(image_size=64, batch_size=64, optimizer="sgd", lr=0.01, epochs=40),
+    "resnet34": dict(image_size=64, batch_size=64, optimizer="sgd", lr=0.05, epochs=40),
+    "resnet50": dict(image_size=64, batch_size=64, optimizer="sgd", lr=0.05, epochs=40),
+    "resnet101": dict(image_size=64, batch_size=64, optimizer="sgd", lr=0.05, epochs=40),
+    "googlenet": dict(image_size=64, batch_size=64, optimizer="sgd", lr=0.05, epochs=40),
+}
+# The report's normalisation: ToTensor() then Normalize(0.5, 0.5), i.e. [-1, 1].
+MEAN, STD = 0.5, 0.5
+# GoogLeNet's auxiliary losses are weighted 0.3, as in the paper (Szegedy et al. 2015).
+AUX_WEIGHT = 0.3
+# Checkpoint fields every command relies on.
+CHECKPOINT_KEYS = ("arch", "classes", "image_size", "in_channels", "state_dict", "args")
+
+
+class FerError(Exception):
+    """A mistake in the user's input: printed as one line, exit status 2."""
+
+
+def log(*args):
+    """Print from one process only (rank 0 under torchrun), unbuffered."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+# ----------------------------------------------------------------------------
+# Data: decoded once into a uint8 tensor, augmented per batch on tensors
+
+@dataclass
+class Faces:
+    """A decoded image folder: images N x C x S x S (uint8), labels N (int64)."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list
+    files: list
+
+
+def scan_folder(root):
+    """Class names and (file, label) lists of an ImageFolder-style tree.
+
+    Like torchvision's ImageFolder: one sub-folder per class, sorted by name, files
+    found recursively; extensions compare case-insensitively, other files are
+    ignored (and counted) rather than failing the run.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FerError(f"{root} is not a folder; --data DIR needs DIR/train/<class>/ "
+                       "and DIR/test/<class>/ folders of images")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(classes) < 2:
+        raise FerError(f"{root} has {len(classes)} class folder(s); put the images of "
+                       "each class (at least two) in a sub-folder named after it")
+    files, labels, ignored = [], [], 0
+    for label, name in enumerate(classes):
+        found = [p for p in sorted((root / name).rglob("*")) if p.is_file()]
+        images = [p for p in found if p.suffix.lower() in IMG_EXTENSIONS]
+        ignored += len(found) - len(images)
+        if not images:
+            raise FerError(f"class folder {root / name} has no images "
+                           f"({' '.join(IMG_EXTENSIONS)}); add some or remove the folder")
+        files += images
+        labels += [label] * len(images)
+    if ignored:
+        log(f"note: ignored {ignored} non-image file(s) under {root}")
+    return classes, files, labels
+
+
+def image_transform(size):
+    """The one deterministic transform: shorter side to `size`, centre crop, uint8."""
+    return T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
+
+
+def open_image(path, in_channels):
+    """Any image file as a PIL image with 1 (L) or 3 (RGB) channels."""
+    with Image.open(path) as img:
+        if img.mode == "P":  # palette images may carry transparency: go through RGBA
+            img = img.convert("RGBA")
+        return img.convert("RGB" if in_channels == 3 else "L")
+
+
+def read_image(path, size, in_channels):
+    return image_transform(size)(open_image(path, in_channels))
+
+
+def load_faces(root, size, in_channels, skip_bad=False):
+    """Decode every image under `root` once; later epochs never touch a JPEG."""
+    classes, files, labels = scan_folder(root)
+    images, kept, bad = [], [], []
+    for path, label in zip(files, labels):
+        try:
+            images.append(read_image(path, size, in_channels))
+            kept.append((path, label))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            if not skip_bad:
+                raise FerError(f"cannot read image {path} ({e}); delete it or pass --skip-bad-images")
+            bad.append(path)
+    if bad:
+        log(f"note: skipped {len(bad)} unreadable image(s), first {bad[0]}")
+    if not kept:
+        raise FerError(f"no readable images under {root}")
+    return Faces(torch.stack(images), torch.tensor([label for _, label in kept]),
+                 classes, [str(path) for path, _ in kept])
+
+
+def split_train_val(labels, val_fraction, seed):
+    """Indices of a stratified, seeded train / validation split of `labels`.
+
+    Each class gives round(n * val_fraction) of its images (at least one, and never
+    all) to validation, so the split keeps the class balance of the training data.
+    """
+    g = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_val = min(max(round(len(idx) * val_fraction), 1), len(idx) - 1)
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return torch.cat(train).sort().values, torch.cat(val).sort().values
+
+
+def normalize(images, device):
+    """uint8 images -> float in [-1, 1] on `device` (the report's normalisation)."""
+    x = images.to(device, non_blocking=True).float().div_(255)
+    return x.sub_(MEAN).div_(STD)
+
+
+def augment(x, crop_scale, rotation, erasing):
+    """Random resized crop, rotation and horizontal flip, then random erasing.
+
+    The first three are one affine warp per image (affine_grid + grid_sample) so a
+    whole batch is augmented in two calls on any device; erasing fills a random
+    box with 0, the dataset mean after normalisation (as RandomErasing does).
+    """
+    n, _, h, w = x.shape
+    dev = x.device
+    u = lambda lo, hi: torch.empty(n, device=dev).uniform_(lo, hi)  # noqa: E731
+    # RandomResizedCrop: area fraction in [crop_scale, 1], aspect ratio in [3/4, 4/3]
+    area, ratio = u(crop_scale, 1), u(math.log(3 / 4), math.log(4 / 3)).exp()
+    sx, sy = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)
+    tx, ty = u(-1, 1) * (1 - sx), u(-1, 1) * (1 - sy)
+    angle = u(-rotation, rotation) * math.pi / 180
+    flip = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0)
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack([torch.stack([cos * sx * flip, -sin * sy, tx], 1),
+                         torch.stack([sin * sx * flip, cos * sy, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if erasing > 0:
+        # RandomErasing's defaults: 2-20% of the area, aspect ratio 0.3-3.3
+        area, ratio = u(0.02, 0.2), u(math.log(0.3), math.log(3.3)).exp()
+        eh, ew = (area * ratio).sqrt().clamp(max=1) * h, (area / ratio).sqrt().clamp(max=1) * w
+        y0, x0 = torch.rand(n, device=dev) * (h - eh), torch.rand(n, device=dev) * (w - ew)
+        ys = torch.arange(h, device=dev).view(1, h, 1)
+        xs = torch.arange(w, device=dev).view(1, 1, w)
+        box = ((ys >= y0.view(n, 1, 1)) & (ys < (y0 + eh).view(n, 1, 1))
+               & (xs >= x0.view(n, 1, 1)) & (xs < (x0 + ew).view(n, 1, 1))
+               & (torch.rand(n, 1, 1, device=dev) < erasing))
+        x = x.masked_fill(box.unsqueeze(1), 0.0)
+    return x
+
+
+def report_transform(size):
+    """The report's per-image PIL training pipeline, kept for `--pipeline pil` and `bench`."""
+    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize((MEAN,) * 3, (STD,) * 3)])
+
+
+class FileDataset(torch.utils.data.Dataset):
+    """Images read from disk on every access, as ImageFolder does."""
+
+    def __init__(self, files, labels, transform, in_channels):
+        self.files, self.labels = files, labels
+        self.transform, self.in_channels = transform, in_channels
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return self.transform(open_image(self.files[i], self.in_channels)), self.labels[i]
+
+
+def tta_views(x, mode):
+    """Test-time views of a batch: itself, plus its mirror (flip), or ten crops.
+
+    tencrop takes the four corners and the centre at 7/8 of the side, resized back
+    to the input size (the network was trained at that size), and their mirrors.
+    """
+    if mode == "none":
+        return [x]
+    if mode == "flip":
+        return [x, x.flip(-1)]
+    h, w = x.shape[-2:]
+    ch, cw = round(h * 7 / 8), round(w * 7 / 8)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    crops = [x[..., :ch, :cw], x[..., :ch, -cw:], x[..., -ch:, :cw], x[..., -ch:, -cw:],
+             x[..., top:top + ch, left:left + cw]]
+    crops = [F.interpolate(c, size=(h, w), mode="bilinear", align_corners=False) for c in crops]
+    return crops + [c.flip(-1) for c in crops]
+
+
+# ----------------------------------------------------------------------------
+# Runtime: device, mixed precision, processes
+
+@dataclass
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype = None  # None: float32
+    channels_last: bool = False
+    rank: int = 0
+    world: int = 1
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def prepare(self, x):
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FerError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise FerError("--device mps: Apple's MPS backend is not available; use --device cpu or auto")
+    return name
+
+
+def setup_runtime(args):
+    """Device, precision and (under torchrun) the process group."""
+    kind = pick_device(args.device)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if kind == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    else:
+        device = torch.device(kind)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+    if kind == "cpu":
+        # Processes sharing a CPU split its cores instead of fighting over them.
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
+    amp = args.amp if args.amp is not None else kind in ("cuda", "cpu")
+    amp_dtype = None
+    if amp:
+        if kind == "cuda":
+            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        elif kind == "cpu" and cpu_has_bf16():
+            amp_dtype = torch.bfloat16
+        elif kind == "mps":
+            amp_dtype = torch.float16
+    channels_last = args.channels_last if args.channels_last is not None else kind in ("cuda", "cpu")
+    return Runtime(device, amp_dtype, channels_last, rank, world)
+
+
+def cpu_has_bf16():
+    """bfloat16 is only faster than float32 on CPUs with native bf16 instructions."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def describe_cpu():
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+# ----------------------------------------------------------------------------
+# Models and checkpoints
+
+def build_model(arch, num_classes, in_channels, image_size, rt=None):
+    model = MODELS[arch](num_classes=num_classes, in_channels=in_channels)
+    if image_size < model.min_size:
+        raise FerError(f"--image-size {image_size} is below {arch}'s minimum of "
+                       f"{model.min_size}; use --image-size {model.min_size} or more")
+    if rt is not None:
+        model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last
+                         else torch.preserve_format)
+    return model
+
+
+def save_checkpoint(state, path):
+    """Write atomically: a temporary file renamed over `path`, so an interrupt or a
+    full disk leaves the previous checkpoint intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise FerError(f"cannot write checkpoint {path} ({reason}); free disk space "
+                       "or choose another --out") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path):
+    """A checkpoint dict, loaded safely: weights_only=True refuses pickled code, and
+    map_location='cpu' lets a GPU checkpoint load on any machine."""
+    path = Path(path)
+    if not path.is_file():
+        raise FerError(f"checkpoint {path} does not exist; give the .pt file written by `fer.py train`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for bad files
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise FerError(f"{path} holds pickled Python objects, which weights_only "
+                           "loading refuses for safety; use a checkpoint written by `fer.py train`") from None
+        raise FerError(f"{path} is not a readable checkpoint (damaged or truncated?): "
+                       f"{str(e).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
+        raise FerError(f"{path} is not a fer checkpoint (it lacks {', '.join(CHECKPOINT_KEYS)})")
+    if ckpt["arch"] not in MODELS:
+        raise FerError(f"{path} holds an unknown network {ckpt['arch']!r}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, rt):
+    model = build_model(ckpt["arch"], len(ckpt["classes"]), ckpt["in_channels"], ckpt["image_size"], rt)
+    # A float16 export loads into the float32 model: load_state_dict casts on copy.
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+def check_classes(ckpt, classes, where):
+    if list(ckpt["classes"]) != list(classes):
+        raise FerError(f"the checkpoint was trained on classes {list(ckpt['classes'])} but "
+                       f"{where} has {list(classes)}; use data with the same class folders")
+
+
+# ----------------------------------------------------------------------------
+# The loops: one training epoch, one evaluation used by every command
+
+def compute_loss(out, y, criterion):
+    """Cross-entropy; GoogLeNet in training also returns its auxiliary logits."""
+    if isinstance(out, tuple):
+        main, *aux = out
+        return criterion(main, y) + AUX_WEIGHT * sum(criterion(a, y) for a in aux)
+    return criterion(out, y)
+
+
+def train_one_epoch(model, batches, steps, optimizer, scheduler, scaler, criterion, rt, epoch):
+    """One pass over the training batches; returns the mean loss."""
+    model.train()
+    total, count = 0.0, 0
+    for step, (x, y) in enumerate(batches, 1):
+        with rt.autocast():
+            loss = compute_loss(model(rt.prepare(x)), y, criterion)
+        if not torch.isfinite(loss):
+            raise FerError(f"the loss became {loss.item()} at epoch {epoch} step {step}/{steps}; "
+                           f"lower --lr (now {scheduler.get_last_lr()[0]:.3g}) and --resume from the last checkpoint")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total += loss.item()
+        count += 1
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict_probs(model, images, rt, batch_size, tta="none"):
+    """Softmax probabilities N x C, averaged over the test-time views."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = normalize(images[i:i + batch_size], rt.device)
+        views = tta_views(x, tta)
+        with rt.autocast():
+            p = sum(F.softmax(model(rt.prepare(v)).float(), 1) for v in views) / len(views)
+        out.append(p.cpu())
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def evaluate(model, faces, idx, rt, batch_size, tta="none"):
+    """Confusion matrix of `faces[idx]`. Under torchrun every process takes a shard
+    and the matrices are summed, so the metrics cover the whole split."""
+    idx = idx[rt.rank::rt.world]
+    probs = predict_probs(model, faces.images[idx], rt, batch_size, tta)
+    cm = metrics.confusion_matrix(faces.labels[idx], probs.argmax(1) if len(idx) else idx,
+                                  len(faces.classes))
+    if rt.world > 1:
+        cm = cm.to(rt.device)
+        dist.all_reduce(cm)
+        cm = cm.cpu()
+    return cm, probs
+
+
+def tensor_batches(faces, idx, batch_size, args, rt, perm_seed):
+    """Training batches from the in-memory tensor: the global batch is the same for
+    every process, each takes its rank's share (DistributedSampler's job)."""
+    perm = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(perm_seed))]
+    steps = max(len(perm) // batch_size, 1)  # drop the last partial batch (BatchNorm)
+    for s in range(steps):
+        b = perm[s * batch_size:(s + 1) * batch_size][rt.rank::rt.world]
+        x = augment(normalize(faces.images[b], rt.device), args.crop_scale, args.rotation, args.erasing)
+        yield x, faces.labels[b].to(rt.device)
+
+
+def pil_batches(faces, idx, batch_size, args, rt, perm_seed):
+    """The report's pipeline: every image re-read and transformed by PIL, per epoch."""
+    files = [faces.files[i] for i in idx]
+    data = FileDataset(files, faces.labels[idx].tolist(), report_transform(args.image_size), args.in_channels)
+    if rt.world > 1:
+        sampler = torch.utils.data.distributed.DistributedSampler(data, seed=perm_seed)
+    else:
+        sampler = torch.utils.data.RandomSampler(data, generator=torch.Generator().manual_seed(perm_seed))
+    loader = torch.utils.data.DataLoader(data, batch_size // rt.world, sampler=sampler, drop_last=True,
+                                         num_workers=args.workers, persistent_workers=False)
+    for x, y in loader:
+        yield x.to(rt.device), y.to(rt.device)
+
+
+def make_optimizer(args, model):
+    params = model.parameters()
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def make_scheduler(args, optimizer, total_steps):
+    """Per-step learning-rate schedule: onecycle (warm-up then cosine down), cosine, or constant."""
+    if args.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps,
+                                                   pct_start=0.2)
+    if args.schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total_steps, 1))))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+
+def class_weights(labels, num_classes):
+    """Inverse-frequency weights (mean 1) for --balanced: each class counts equally."""
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    return counts.sum() / (num_classes * counts)
+
+
+TRAIN_OPTIONS = ("model", "epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay",
+                 "label_smoothing", "balanced", "image_size", "in_channels", "crop_scale", "rotation",
+                 "erasing", "val_fraction", "seed", "pipeline", "skip_bad_images")
+
+
+def resolve_train_args(args):
+    """Fill the network's recipe into the options the user left out; on --resume
+    take every training option from the checkpoint instead, so the run continues
+    exactly as it started."""
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if args.model and args.model != ckpt["arch"]:
+            raise FerError(f"--resume {args.resume} is a {ckpt['arch']} checkpoint but --model is "
+                           f"{args.model}; drop --model or resume a {args.model} checkpoint")
+        for k in TRAIN_OPTIONS:
+            setattr(args, k, ckpt["args"][k])
+        args.data = args.data or ckpt["args"]["data"]
+        args.out = args.out or ckpt["args"]["out"]
+    args.model = args.model or "resnet34"
+    for k, v in RECIPES[args.model].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.out = args.out or str(Path("runs") / args.model)
+    if args.data is None:
+        raise FerError("--data DIR is required (DIR/train/<class>/ images)")
+    return ckpt
+
+
+def cmd_train(args):
+    ckpt = resolve_train_args(args)
+    rt = setup_runtime(args)
+    train_dir = Path(args.data) / "train"
+    if not train_dir.is_dir():
+        raise FerError(f"{train_dir} not found; --data DIR must hold DIR/train/<class>/ image folders")
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FerError(f"cannot create --out folder {out} ({e.strerror}); choose another --out") from None
+    if not os.access(out, os.W_OK):
+        raise FerError(f"--out folder {out} is not writable; choose another --out")
+
+    t0 = time.time()
+    faces = load_faces(train_dir, args.image_size, args.in_channels, args.skip_bad_images)
+    if ckpt is not None:
+        check_classes(ckpt, faces.classes, train_dir)
+    train_idx, val_idx = split_train_val(faces.labels, args.val_fraction, args.seed)
+    log(f"{args.model}: {len(train_idx)} training and {len(val_idx)} validation images of "
+        f"{len(faces.classes)} classes ({', '.join(faces.classes)}), decoded in {time.time() - t0:.1f} s "
+        f"on {rt.device} ({describe_cpu() if rt.device.type == 'cpu' else torch.cuda.get_device_name(rt.device)})"
+        f"{', ' + str(rt.amp_dtype).replace('torch.', '') + ' autocast' if rt.amp_dtype else ''}"
+        f"{', ' + str(rt.world) + ' processes' if rt.world > 1 else ''}")
+
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, len(faces.classes), args.in_channels, args.image_size, rt)
+    raw_model = model  # the unwrapped network: what checkpoints hold
+    if args.compile:
+        model = torch.compile(model)
+    if rt.world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
+    if args.batch_size < rt.world:
+        raise FerError(f"--batch-size {args.batch_size} is smaller than the {rt.world} processes")
+    steps = max(len(train_idx) // args.batch_size, 1)
+    optimizer = make_optimizer(args, raw_model)
+    scheduler = make_scheduler(args, optimizer, steps * args.epochs)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    weight = class_weights(faces.labels[train_idx], len(faces.classes)).to(rt.device) if args.balanced else None
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
+    start, best, best_epoch, history = 0, -1.0, 0, []
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start, best, best_epoch, history = ckpt["epoch"], ckpt["best_metric"], ckpt["best_epoch"], ckpt["history"]
+        log(f"resuming from {args.resume} after epoch {start} of {args.epochs}")
+    batches = pil_batches if args.pipeline == "pil" else tensor_batches
+
+    last_path = out / "last.pt"
+    for epoch in range(start + 1, args.epochs + 1):
+        # Seeded per epoch (and per process), so --resume replays the same epochs.
+        torch.manual_seed(args.seed * 100_003 + epoch * 101 + rt.rank)
+        tic = time.time()
+        loss = train_one_epoch(model, batches(faces, train_idx, args.batch_size, args, rt, args.seed + epoch),
+                               steps, optimizer, scheduler, scaler, criterion, rt, epoch)
+        seconds = time.time() - tic
+        cm, _ = evaluate(raw_model, faces, val_idx, rt, args.batch_size * 2)
+        m = metrics.classification_metrics(cm)
+        improved = m["macro_f1"] > best
+        if improved:
+            best, best_epoch = m["macro_f1"], epoch
+        history.append(dict(epoch=epoch, loss=loss, val_accuracy=m["accuracy"], val_macro_f1=m["macro_f1"],
+                            seconds=seconds))
+        log(f"epoch {epoch:3d}/{args.epochs}  loss {loss:.4f}  val acc {m['accuracy']:.4f}  "
+            f"val macro-F1 {m['macro_f1']:.4f}  {steps * args.batch_size / seconds:6.0f} img/s  "
+            f"{seconds:5.1f} s{'  *' if improved else ''}")
+        if rt.rank == 0:
+            state = dict(arch=args.model, classes=faces.classes, image_size=args.image_size,
+                         in_channels=args.in_channels, mean=MEAN, std=STD, epoch=epoch,
+                         state_dict=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                         best_metric=best, best_epoch=best_epoch, val_metrics=m, history=history,
+                         args={k: getattr(args, k) for k in TRAIN_OPTIONS + ("data", "out")})
+            save_checkpoint(state, last_path)
+            if improved:
+                save_checkpoint(state, out / "best.pt")
+        if args.dry_run:
+            break
+    log(f"best validation macro-F1 {best:.4f} at epoch {best_epoch}; checkpoints in {out}/ "
+        f"(best.pt, last.pt); {(time.time() - t0) / 60:.1f} min in all")
+
+
+def evaluation_setup(args):
+    ckpt = load_checkpoint(args.checkpoint)
+    rt = setup_runtime(args)
+    return ckpt, rt, model_from_checkpoint(ckpt, rt)
+
+
+def data_root(args, ckpt):
+    data = args.data or ckpt["args"].get("data")
+    if not data:
+        raise FerError("--data DIR is required")
+    return Path(data)
+
+
+def cmd_validate(args):
+    """Metrics on the validation split the run used, rebuilt from the checkpoint."""
+    ckpt, rt, model = evaluation_setup(args)
+    a = ckpt["args"]
+    train_dir = data_root(args, ckpt) / "train"
+    faces = load_faces(train_dir, ckpt["image_size"], ckpt["in_channels"], a["skip_bad_images"])
+    check_classes(ckpt, faces.classes, train_dir)
+    _, val_idx = split_train_val(faces.labels, a["val_fraction"], a["seed"])
+    cm, _ = evaluate(model, faces, val_idx, rt, args.batch_size)
+    m = metrics.classification_metrics(cm)
+    log(f"validation split of {train_dir}: {len(val_idx)} images (seed {a['seed']}, "
+        f"fraction {a['val_fraction']}), {ckpt['arch']} epoch {ckpt.get('epoch')}")
+    log(metrics.format_report(m, faces.classes))
+    log(metrics.format_confusion_matrix(cm, faces.classes))
+    write_json(args.json, results_dict(ckpt, faces.classes, m, cm, "none"))
+    return m
+
+
+def results_dict(ckpt, classes, m, cm, tta):
+    per_class = {c: dict(precision=m["precision"][i], recall=m["recall"][i], f1=m["f1"][i],
+                         support=m["support"][i]) for i, c in enumerate(classes)}
+    return dict(arch=ckpt["arch"], tta=tta, classes=list(classes), accuracy=m["accuracy"],
+                macro_f1=m["macro_f1"], per_class=per_class, confusion_matrix=cm.tolist())
+
+
+def write_json(path, obj):
+    if path:
+        try:
+            Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+        except OSError as e:
+            raise FerError(f"cannot write {path} ({e.strerror}); choose another path") from None
+
+
+def cmd_test(args):
+    """The full metrics report on DIR/test: the only command that reads it."""
+    ckpt, rt, model = evaluation_setup(args)
+    test_dir = data_root(args, ckpt) / "test"
+    if not test_dir.is_dir():
+        raise FerError(f"{test_dir} not found; --data DIR must hold DIR/test/<class>/ image folders")
+    faces = load_faces(test_dir, ckpt["image_size"], ckpt["in_channels"], args.skip_bad_images)
+    check_classes(ckpt, faces.classes, test_dir)
+    idx = torch.arange(len(faces.labels))
+    cm, probs = evaluate(model, faces, idx, rt, args.batch_size, args.tta)
+    m = metrics.classification_metrics(cm)
+    log(f"{ckpt['arch']} (epoch {ckpt.get('epoch')}) on {test_dir}: {len(idx)} images, tta {args.tta}")
+    log(metrics.format_report(m, faces.classes))
+    log(metrics.format_confusion_matrix(cm, faces.classes))
+    write_json(args.json, results_dict(ckpt, faces.classes, m, cm, args.tta))
+    if args.save_dir:
+        save_dir = Path(args.save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        write_json(save_dir / "metrics.json", results_dict(ckpt, faces.classes, m, cm, args.tta))
+        draw_confusion_matrix(cm, faces.classes).save(save_dir / "confusion_matrix.png")
+        draw_mistakes(faces, probs, args.mistakes).save(save_dir / "mistakes.png")
+        log(f"wrote {save_dir}/metrics.json, confusion_matrix.png and mistakes.png")
+    return m
+
+
+# ----------------------------------------------------------------------------
+# Using a trained model: predict, pictures, export
+
+def find_images(paths):
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
+            if not found:
+                raise FerError(f"folder {p} has no images ({' '.join(IMG_EXTENSIONS)})")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FerError(f"{p} does not exist; give image files or folders of images")
+    return files
+
+
+def cmd_predict(args):
+    """Class probabilities of each image file (or each image in a folder)."""
+    ckpt, rt, model = evaluation_setup(args)
+    classes, files = ckpt["classes"], find_images(args.paths)
+    images = []
+    for f in files:
+        try:
+            images.append(read_image(f, ckpt["image_size"], ckpt["in_channels"]))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise FerError(f"cannot read image {f} ({e})") from None
+    probs = predict_probs(model, torch.stack(images), rt, args.batch_size, args.tta)
+    top = min(args.top, len(classes))
+    results = []
+    for f, p in zip(files, probs):
+        best = p.topk(top)
+        results.append(dict(file=str(f), prediction=classes[best.indices[0]],
+                            top=[dict(label=classes[i], probability=round(float(v), 4))
+                                 for v, i in zip(best.values, best.indices)],
+                            probabilities={c: round(float(v), 4) for c, v in zip(classes, p)}))
+    name_w = max(len("file"), *(len(r["file"]) for r in results))
+    col_w = max(8, *(len(c) for c in classes))
+    log(f"{'file':<{name_w}}  {'predicted':<{col_w}}  " + "  ".join(f"{c:>{col_w}}" for c in classes))
+    for r in results:
+        log(f"{r['file']:<{name_w}}  {r['prediction']:<{col_w}}  "
+            + "  ".join(f"{r['probabilities'][c]:>{col_w}.3f}" for c in classes))
+    write_json(args.json, dict(arch=ckpt["arch"], tta=args.tta, classes=classes, predictions=results))
+    return results
+
+
+def draw_confusion_matrix(cm, classes, cell=72):
+    """Counts in cells coloured by the row-normalised rate (recall on the diagonal)."""
+    n = len(classes)
+    rates = cm.float() / cm.sum(1, keepdim=True).clamp(min=1)
+    margin = 12 + 7 * max(len(c) for c in classes)
+    width, height = margin + n * cell + 12, margin + n * cell + 36
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    d.text((margin, 6), "predicted class ->", fill="black")
+    d.text((6, height - 24), "rows: true class; colour: share of the row", fill="black")
+    for i, name in enumerate(classes):
+        d.text((margin + i * cell + 4, margin - 16), name[:cell // 7], fill="black")
+        d.text((6, margin + i * cell + cell // 2 - 6), name, fill="black")
+        for j in range(n):
+            r = float(rates[i, j])
+            colour = (int(255 - 200 * r), int(255 - 140 * r), 255)  # white -> blue
+            box = (margin + j * cell, margin + i * cell, margin + (j + 1) * cell, margin + (i + 1) * cell)
+            d.rectangle(box, fill=colour, outline="grey")
+            text = f"{int(cm[i, j])}\n{r:.0%}"
+            d.multiline_text((box[0] + 8, box[1] + cell // 2 - 12), text, fill="white" if r > 0.5 else "black")
+    return img
+
+
+def draw_mistakes(faces, probs, limit, tile=96):
+    """A grid of misclassified images, most confident mistakes first, each captioned
+    'true -> predicted (confidence)'."""
+    conf, pred = probs.max(1)
+    wrong = (pred != faces.labels).nonzero().flatten()
+    wrong = wrong[conf[wrong].argsort(descending=True)][:limit]
+    cols = max(1, min(8, len(wrong)))
+    rows = max(1, math.ceil(len(wrong) / cols))
+    caption = 28
+    img = Image.new("RGB", (cols * tile, rows * (tile + caption)), "white")
+    d = ImageDraw.Draw(img)
+    if len(wrong) == 0:
+        d.text((4, 4), "no mistakes", fill="black")
+    for k, i in enumerate(wrong.tolist()):
+        face = faces.images[i]
+        face = face.expand(3, -1, -1) if face.shape[0] == 1 else face
+        face = F.interpolate(face[None].float(), size=(tile, tile), mode="bilinear", align_corners=False)[0]
+        x, y = (k % cols) * tile, (k // cols) * (tile + caption)
+        img.paste(T.functional.to_pil_image(face.clamp(0, 255).byte()), (x, y))
+        d.text((x + 2, y + tile + 1), f"{faces.classes[faces.labels[i]][:7]}>{faces.classes[pred[i]][:7]}", fill="black")
+        d.text((x + 2, y + tile + 14), f"{float(conf[i]):.0%} sure", fill="red")
+    return img
+
+
+def cmd_export(args):
+    """A checkpoint for shipping: weights only (float16 with --half), no optimiser."""
+    ckpt = load_checkpoint(args.checkpoint)
+    state = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", "scaler")}
+    if args.half:
+        state["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(state, args.out)
+    log(f"wrote {args.out} ({Path(args.out).stat().st_size / 2**20:.1f} MiB)")
+
+
+# ----------------------------------------------------------------------------
+# Benchmark: the report's pipeline against ours
+
+def bench_train(model, batches, steps, rt, batch_size):
+    """Training images/s over `steps` steps, after one warm-up step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    criterion = nn.CrossEntropyLoss()
+    model.train()
+    tic, done = None, 0
+    for step, (x, y) in enumerate(batches):
+        with rt.autocast():
+            loss = compute_loss(model(rt.prepare(x)), y, criterion)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step == 0:
+            tic = time.time()  # the first step pays for allocation and kernel choice
+        else:
+            done += len(y)
+        if step == steps:
+            break
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize()
+    return done / (time.time() - tic)
+
+
+def bench_infer(model, faces, rt, batch_size):
+    n = min(len(faces.labels), batch_size * 4)
+    predict_probs(model, faces.images[:batch_size], rt, batch_size)  # warm-up
+    tic = time.time()
+    predict_probs(model, faces.images[:n], rt, batch_size)
+    return n / (time.time() - tic)
+
+
+def peak_memory_mb(rt):
+    if rt.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(rt.device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def cmd_bench(args):
+    """Training and inference throughput of the report's pipeline and of ours."""
+    args.model = args.model or "resnet34"
+    recipe = RECIPES[args.model]
+    size = args.image_size or recipe["image_size"]
+    batch = args.batch_size or recipe["batch_size"]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.data) / "train" if args.data else write_fake_folder(Path(tmp), 2, batch * (args.steps + 1))
+        base = Runtime(pick_device_for_bench(args))
+        ours = setup_runtime(args)
+        log(f"bench {args.model}, batch {batch}, {args.steps} timed steps, on "
+            f"{describe_cpu() if ours.device.type == 'cpu' else torch.cuda.get_device_name(ours.device)}")
+        rows = []
+        for label, rt, pipeline, s in (("report: PIL per image, float32", base, "pil", args.report_size),
+                                       ("ours: in-memory tensors, same size", ours, "tensor", args.report_size),
+                                       ("ours: in-memory tensors, default size", ours, "tensor", size)):
+            faces = load_faces(root, s, args.in_channels, skip_bad=True)
+            opts = argparse.Namespace(crop_scale=0.5, rotation=10, erasing=0.25, image_size=s,
+                                      in_channels=args.in_channels, workers=args.workers)
+            torch.manual_seed(0)
+            model = build_model(args.model, len(faces.classes), args.in_channels, s, rt)
+            idx = torch.arange(len(faces.labels)).repeat(math.ceil(batch * (args.steps + 1) / len(faces.labels)))
+            batches = (pil_batches if pipeline == "pil" else tensor_batches)(faces, idx, batch, opts, rt, 0)
+            train_ips = bench_train(model, batches, args.steps, rt, batch)
+            infer_ips = bench_infer(model, faces, rt, batch)
+            amp = str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "float32"
+            rows.append((label, s, amp, rt.channels_last, train_ips, infer_ips, peak_memory_mb(rt)))
+            log(f"{label:<40} {s:>4}px  {amp:>8}  channels_last={str(rt.channels_last):<5}  "
+                f"train {train_ips:8.1f} img/s  infer {infer_ips:8.1f} img/s  peak {rows[-1][-1]:6.0f} MiB")
+        log(f"ours / report at {args.report_size}px: {rows[1][4] / rows[0][4]:.1f}x training; "
+            f"ours at {size}px / report at {args.report_size}px: {rows[2][4] / rows[0][4]:.1f}x training; "
+            f"epoch of 4,500 images at {size}px: about {4500 / rows[2][4]:.0f} s")
+    return rows
+
+
+def pick_device_for_bench(args):
+    return torch.device(pick_device(args.device))
+
+
+def write_fake_folder(root, classes, n):
+    """A throwaway ImageFolder of random 48x48 JPEGs, for `bench` without --data."""
+    g = torch.Generator().manual_seed(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(max(1, n // classes)):
+            pixels = torch.randint(0, 256, (48, 48), dtype=torch.uint8, generator=g)
+            Image.fromarray(pixels.numpy(), "L").save(root / f"class{c}" / f"{i}.jpg")
+    return root
+
+
+# ----------------------------------------------------------------------------
+# Command line
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, not argparse's usage block: what is wrong and where to look."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def number(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type for a number in a range, checked before any work starts."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
+        bad_low = low is not None and (v <= low if low_open else v < low)
+        bad_high = high is not None and (v >= high if high_open else v > high)
+        if bad_low or bad_high or (kind is float and not math.isfinite(v)):
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range (must be {' and '.join(filter(None, (lo, hi)))})")
+        return v
+    return parse
+
+
+def build_parser():
+    p = Parser(prog="fer.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="command")
+    fmt = dict(formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def runtime_options(q):
+        q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                       help="where to run; auto takes cuda, then mps, then cpu (default: %(default)s)")
+        q.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                       help="mixed precision: bfloat16 (float16 + grad scaling on GPUs without bf16); "
+                            "default: on for cuda, and on cpu when it has native bf16 instructions")
+        q.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="NHWC memory layout (default: on for cpu and cuda)")
+        q.add_argument("--threads", type=number(int, 1), default=None,
+                       help="CPU threads (default: all cores, split between torchrun processes)")
+        q.add_argument("--workers", type=number(int, 0), default=2,
+                       help="DataLoader processes for --pipeline pil (default: %(default)s)")
+
+    t = sub.add_parser("train", help="train a network; keeps the best (validation Macro-F1) and last epoch", **fmt)
+    t.add_argument("--data", help="folder with train/<class>/ images (default: the resumed run's)")
+    t.add_argument("--model", choices=sorted(MODELS), help="network (default: resnet34)")
+    t.add_argument("--out", help="folder for best.pt and last.pt (default: runs/<model>)")
+    t.add_argument("--resume", metavar="CKPT", help="continue the run saved in CKPT (its last.pt) "
+                   "with the options it was started with")
+    t.add_argument("--epochs", type=number(int, 1), help="epochs (default: per network, see README)")
+    t.add_argument("--batch-size", type=number(int, 1), help="global batch size (default: per network)")
+    t.add_argument("--lr", type=number(float, 0, low_open=True), help="peak learning rate (default: per network)")
+    t.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
+                   help="SGD with Nesterov momentum 0.9, Adam or AdamW (default: per network)")
+    t.add_argument("--schedule", choices=["onecycle", "cosine", "constant"],
+                   help="learning-rate schedule, stepped per batch (default: onecycle)")
+    t.add_argument("--weight-decay", type=number(float, 0), help="(default: 5e-4)")
+    t.add_argument("--label-smoothing", type=number(float, 0, 1, high_open=True), help="(default: 0.1)")
+    t.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=None,
+                   help="weight the loss by inverse class frequency (default: off)")
+    t.add_argument("--image-size", type=number(int, 1), help="side of the square network input; "
+                   "images are resized to it once, when decoded (default: per network)")
+    t.add_argument("--in-channels", type=int, choices=[1, 3], help="1 for grayscale, 3 for RGB (default: 3)")
+    t.add_argument("--crop-scale", type=number(float, 0, 1, low_open=True),
+                   help="smallest area fraction of the random resized crop (default: 0.5; the report's is 0.08)")
+    t.add_argument("--rotation", type=number(float, 0, 180), help="largest random rotation in degrees (default: 10)")
+    t.add_argument("--erasing", type=number(float, 0, 1), help="probability of random erasing (default: 0.25)")
+    t.add_argument("--val-fraction", type=number(float, 0, 1, True, True),
+                   help="share of each class of train/ held out for validation (default: 0.1)")
+    t.add_argument("--seed", type=int, help="seed of the split, the initialisation and the batches (default: 0)")
+    t.add_argument("--pipeline", choices=["tensor", "pil"],
+                   help="tensor: decoded once, augmented per batch; pil: the report's per-image "
+                        "PIL transforms, for comparison (default: tensor)")
+    t.add_argument("--skip-bad-images", action=argparse.BooleanOptionalAction, default=None,
+                   help="leave out images that cannot be decoded instead of stopping (default: off)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the network (default: off)")
+    t.add_argument("--dry-run", action="store_true", help="one epoch only, to check a setup quickly")
+    runtime_options(t)
+    t.set_defaults(func=cmd_train)
+
+    def evaluation_options(q, data_help):
+        q.add_argument("--checkpoint", required=True, help="a .pt file written by train or export")
+        q.add_argument("--data", help=data_help + " (default: the --data the checkpoint was trained with)")
+        q.add_argument("--batch-size", type=number(int, 1), default=128, help="(default: %(default)s)")
+        q.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+        runtime_options(q)
+
+    v = sub.add_parser("validate", help="metrics on the run's validation split (rebuilt from the checkpoint)", **fmt)
+    evaluation_options(v, "folder with train/<class>/")
+    v.set_defaults(func=cmd_validate)
+
+    tta = dict(choices=["none", "flip", "tencrop"], default="none",
+               help="test-time augmentation: average softmax over the mirror image or ten crops (default: %(default)s)")
+    s = sub.add_parser("test", help="full metrics on DIR/test/ (the only command that reads it)", **fmt)
+    evaluation_options(s, "folder with test/<class>/")
+    s.add_argument("--tta", **tta)
+    s.add_argument("--save-dir", metavar="DIR", help="write metrics.json, confusion_matrix.png and mistakes.png to DIR")
+    s.add_argument("--mistakes", type=number(int, 1), default=32,
+                   help="how many mistakes mistakes.png shows (default: %(default)s)")
+    s.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images (default: off)")
+    s.set_defaults(func=cmd_test)
+
+    r = sub.add_parser("predict", help="class probabilities of image files or folders", **fmt)
+    r.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
+    r.add_argument("--checkpoint", required=True, help="a .pt file written by train or export")
+    r.add_argument("--top", type=number(int, 1), default=3, help="how many classes the JSON lists per image (default: %(default)s)")
+    r.add_argument("--tta", **tta)
+    r.add_argument("--batch-size", type=number(int, 1), default=128, help="(default: %(default)s)")
+    r.add_argument("--json", metavar="PATH", help="also write the predictions as JSON to PATH")
+    runtime_options(r)
+    r.set_defaults(func=cmd_predict, device="cpu")
+
+    b = sub.add_parser("bench", help="training and inference images/s: the report's pipeline against ours", **fmt)
+    b.add_argument("--model", choices=sorted(MODELS), help="network (default: resnet34)")
+    b.add_argument("--data", help="folder with train/<class>/ (default: random images made on the fly)")
+    b.add_argument("--image-size", type=number(int, 1), help="our input size (default: the network's recipe)")
+    b.add_argument("--report-size", type=number(int, 1), default=224, help="the report's input size (default: %(default)s)")
+    b.add_argument("--batch-size", type=number(int, 1), help="(default: the network's recipe)")
+    b.add_argument("--steps", type=number(int, 1), default=5, help="timed training steps per pipeline (default: %(default)s)")
+    b.add_argument("--in-channels", type=int, choices=[1, 3], default=3, help="(default: %(default)s)")
+    runtime_options(b)
+    b.set_defaults(func=cmd_bench)
+
+    e = sub.add_parser("export", help="a weights-only checkpoint for shipping (float16 with --half)", **fmt)
+    e.add_argument("--checkpoint", required=True, help="a .pt file written by train")
+    e.add_argument("--out", required=True, help="the file to write")
+    e.add_argument("--half", action="store_true", help="store weights in float16 (half the size)")
+    e.set_defaults(func=cmd_export)
+    return p
+
+
+# Defaults of `train` options that no recipe sets.
+TRAIN_DEFAULTS = dict(schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, balanced=False, in_channels=3,
+                      crop_scale=0.5, rotation=10.0, erasing=0.25, val_fraction=0.1, seed=0, pipeline="tensor",
+                      skip_bad_images=False)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.command == "train" and not args.resume:
+        for k, v in TRAIN_DEFAULTS.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+    try:
+        return args.func(args)
+    except FerError as e:
+        print(f"fer.py {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        hint = ""
+        if args.command == "train" and args.out:
+            hint = f"; {args.out}/last.pt holds the last completed epoch: continue with " \
+                   f"python fer.py train --resume {args.out}/last.pt"
+        print(f"fer.py {args.command}: interrupted{hint}", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
