@@ -21,7 +21,8 @@ import resource
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+import warnings
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,6 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image, ImageDraw
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.utils import make_grid
 
 import metrics
 from nets import MODELS
@@ -124,9 +124,13 @@ def read_image(path, size, in_channels):
     return image_transform(size)(open_image(path, in_channels))
 
 
-def load_faces(root, size, in_channels, skip_bad=False):
-    """Decode every image under `root` once; later epochs never touch a JPEG."""
+def load_faces(root, size, in_channels, skip_bad=False, limit=None):
+    """Decode every image under `root` once; later epochs never touch a JPEG.
+    `limit` takes an evenly spaced subset (for `bench`)."""
     classes, files, labels = scan_folder(root)
+    if limit and limit < len(files):
+        keep = torch.linspace(0, len(files) - 1, limit).long().tolist()
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
     images, kept, bad = [], [], []
     for path, label in zip(files, labels):
         try:
@@ -232,6 +236,8 @@ def tta_views(x, mode):
         return [x]
     if mode == "flip":
         return [x, x.flip(-1)]
+    if mode != "tencrop":  # a typo must not silently become ten crops
+        raise FerError(f"unknown test-time augmentation {mode!r}; use none, flip or tencrop")
     h, w = x.shape[-2:]
     ch, cw = round(h * 7 / 8), round(w * 7 / 8)
     top, left = (h - ch) // 2, (w - cw) // 2
@@ -287,8 +293,10 @@ def setup_runtime(args):
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
     if kind == "cpu":
-        # Processes sharing a CPU split its cores instead of fighting over them.
-        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
+        # Processes sharing a CPU split its cores instead of fighting over them
+        # (torchrun also sets OMP_NUM_THREADS; an explicit setting wins).
+        env_threads = int(os.environ.get("OMP_NUM_THREADS", 0) or 0)
+        torch.set_num_threads(args.threads or env_threads or max(1, (os.cpu_count() or 1) // world))
     amp = args.amp if args.amp is not None else kind in ("cuda", "cpu")
     amp_dtype = None
     if amp:
@@ -336,21 +344,33 @@ def build_model(arch, num_classes, in_channels, image_size, rt=None):
     return model
 
 
+def check_image_size(arch, image_size):
+    """build_model's size check before any data is decoded: the network is built on
+    the meta device, which allocates and initialises nothing (milliseconds)."""
+    with torch.device("meta"):
+        build_model(arch, 2, 3, image_size)
+
+
 def save_checkpoint(state, path):
     """Write atomically: a temporary file renamed over `path`, so an interrupt or a
     full disk leaves the previous checkpoint intact."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        torch.save(state, tmp)
+        # Through a Python file, so a full disk raises OSError(ENOSPC), not a zip-writer
+        # RuntimeError; fsync before the rename, so the new file is complete on disk.
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
         raise FerError(f"cannot write checkpoint {path} ({reason}); free disk space "
                        "or choose another --out") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):  # e.g. its folder is gone or is a file: then there is no tmp
+            tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path):
@@ -360,25 +380,46 @@ def load_checkpoint(path):
     if not path.is_file():
         raise FerError(f"checkpoint {path} does not exist; give the .pt file written by `fer.py train`")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load raises many types for bad files
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise FerError(f"{path} holds pickled Python objects, which weights_only "
-                           "loading refuses for safety; use a checkpoint written by `fer.py train`") from None
-        raise FerError(f"{path} is not a readable checkpoint (damaged or truncated?): "
-                       f"{str(e).splitlines()[0][:200]}") from None
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
-        raise FerError(f"{path} is not a fer checkpoint (it lacks {', '.join(CHECKPOINT_KEYS)})")
+        text = str(e)
+        if "Unsupported global" in text:  # a class or function to call: pickled code, never run
+            what = text.split("Unsupported global:", 1)[1].split(" was not", 1)[0].strip()
+            raise FerError(f"{path} holds pickled Python code ({what}), which weights_only loading "
+                           "refuses for safety, so none of it ran; use a checkpoint written by "
+                           "`fer.py train` or `fer.py export`") from None
+        # the cause, not torch's advice on weights_only; an empty file raises with no message
+        text = text.split("WeightsUnpickler error:", 1)[-1].strip() or "no message"
+        reason = ("empty file" if path.stat().st_size == 0
+                  else f"{type(e).__name__}: {text.splitlines()[0].split('. ')[0][:200]}")
+        raise FerError(f"{path} is not a readable checkpoint, damaged or truncated ({reason}); "
+                       "use the .pt file written by `fer.py train` or `fer.py export`") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise FerError(f"{path} is not a fer checkpoint (it lacks {', '.join(missing)}); "
+                       "use the .pt file written by `fer.py train` or `fer.py export`")
     if ckpt["arch"] not in MODELS:
         raise FerError(f"{path} holds an unknown network {ckpt['arch']!r}")
     return ckpt
 
 
-def model_from_checkpoint(ckpt, rt):
+def model_from_checkpoint(ckpt, rt, source="the checkpoint"):
     model = build_model(ckpt["arch"], len(ckpt["classes"]), ckpt["in_channels"], ckpt["image_size"], rt)
     # A float16 export loads into the float32 model: load_state_dict casts on copy.
-    model.load_state_dict(ckpt["state_dict"])
+    load_weights(model, ckpt["state_dict"], ckpt["arch"], source)
     return model.eval()
+
+
+def load_weights(model, state_dict, arch, source):
+    """load_state_dict, with a one-line error when the weights do not fit the network."""
+    try:
+        model.load_state_dict(state_dict)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+        raise FerError(f"the weights in {source} do not fit a {arch} network ("
+                       f"{' '.join(str(e).split())[:200] or type(e).__name__}); "
+                       "the file was changed or not written by `fer.py train`") from None
 
 
 def check_classes(ckpt, classes, where):
@@ -406,8 +447,7 @@ def train_one_epoch(model, batches, steps, optimizer, scheduler, scaler, criteri
         with rt.autocast():
             loss = compute_loss(model(rt.prepare(x)), y, criterion)
         if not torch.isfinite(loss):
-            raise FerError(f"the loss became {loss.item()} at epoch {epoch} step {step}/{steps}; "
-                           f"lower --lr (now {scheduler.get_last_lr()[0]:.3g}) and --resume from the last checkpoint")
+            raise diverged(f"the loss became {loss.item()}", epoch, step, steps, optimizer)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -415,7 +455,19 @@ def train_one_epoch(model, batches, steps, optimizer, scheduler, scaler, criteri
         scheduler.step()
         total += loss.item()
         count += 1
+    # A finite last loss can still leave inf/NaN weights: never checkpoint those.
+    if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
+        raise diverged("the weights became inf or NaN", epoch, count, steps, optimizer)
     return total / max(count, 1)
+
+
+def diverged(what, epoch, step, steps, optimizer):
+    """The error for a loss or weights gone inf/NaN: where, and what to do about it."""
+    group = optimizer.param_groups[0]
+    peak = group.get("max_lr", group.get("initial_lr", group["lr"]))
+    return FerError(f"{what} at epoch {epoch} step {step}/{steps}: training diverged; train again with a "
+                    f"lower --lr (this run's peak is {peak:.3g}; try {peak / 10:.3g}); this epoch was not "
+                    "saved, so the checkpoints in --out still hold the last good epoch")
 
 
 @torch.no_grad()
@@ -483,8 +535,9 @@ def make_optimizer(args, model):
 def make_scheduler(args, optimizer, total_steps):
     """Per-step learning-rate schedule: onecycle (warm-up then cosine down), cosine, or constant."""
     if args.schedule == "onecycle":
+        # OneCycleLR divides by pct_start * total_steps - 1: zero, a ZeroDivisionError, at 5 steps
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps,
-                                                   pct_start=0.2)
+                                                   pct_start=0.2 if total_steps != 5 else 0.3)
     if args.schedule == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total_steps, 1))))
@@ -500,6 +553,8 @@ def class_weights(labels, num_classes):
 TRAIN_OPTIONS = ("model", "epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay",
                  "label_smoothing", "balanced", "image_size", "in_channels", "crop_scale", "rotation",
                  "erasing", "val_fraction", "seed", "pipeline", "skip_bad_images")
+# What `--resume` needs beyond CHECKPOINT_KEYS (an export drops the first three).
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "epoch", "best_metric", "best_epoch", "history")
 
 
 def resolve_train_args(args):
@@ -512,8 +567,15 @@ def resolve_train_args(args):
         if args.model and args.model != ckpt["arch"]:
             raise FerError(f"--resume {args.resume} is a {ckpt['arch']} checkpoint but --model is "
                            f"{args.model}; drop --model or resume a {args.model} checkpoint")
+        missing = [k for k in RESUME_KEYS if k not in ckpt] + [k for k in TRAIN_OPTIONS if k not in ckpt["args"]]
+        if missing:
+            raise FerError(f"--resume {args.resume} has no training state ({', '.join(missing)}); "
+                           "an export keeps weights only: resume from the run's last.pt, or train anew")
         for k in TRAIN_OPTIONS:
             setattr(args, k, ckpt["args"][k])
+        for k in ("amp", "channels_last"):  # they change the numerics: keep them unless told
+            if getattr(args, k) is None:
+                setattr(args, k, ckpt["args"].get(k))
         args.data = args.data or ckpt["args"]["data"]
         args.out = args.out or ckpt["args"]["out"]
     args.model = args.model or "resnet34"
@@ -528,15 +590,13 @@ def resolve_train_args(args):
 
 def cmd_train(args):
     ckpt = resolve_train_args(args)
+    check_image_size(args.model, args.image_size)
     rt = setup_runtime(args)
     train_dir = Path(args.data) / "train"
     if not train_dir.is_dir():
         raise FerError(f"{train_dir} not found; --data DIR must hold DIR/train/<class>/ image folders")
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FerError(f"cannot create --out folder {out} ({e.strerror}); choose another --out") from None
+    make_folder(out, "--out")
     if not os.access(out, os.W_OK):
         raise FerError(f"--out folder {out} is not writable; choose another --out")
 
@@ -568,7 +628,7 @@ def cmd_train(args):
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
     start, best, best_epoch, history = 0, -1.0, 0, []
     if ckpt is not None:
-        raw_model.load_state_dict(ckpt["state_dict"])
+        load_weights(raw_model, ckpt["state_dict"], ckpt["arch"], args.resume)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -584,6 +644,9 @@ def cmd_train(args):
         loss = train_one_epoch(model, batches(faces, train_idx, args.batch_size, args, rt, args.seed + epoch),
                                steps, optimizer, scheduler, scaler, criterion, rt, epoch)
         seconds = time.time() - tic
+        if rt.world > 1:  # BatchNorm statistics drift apart per process: validate rank 0's
+            for b in raw_model.buffers():
+                dist.broadcast(b, 0)
         cm, _ = evaluate(raw_model, faces, val_idx, rt, args.batch_size * 2)
         m = metrics.classification_metrics(cm)
         improved = m["macro_f1"] > best
@@ -600,7 +663,7 @@ def cmd_train(args):
                          state_dict=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                          best_metric=best, best_epoch=best_epoch, val_metrics=m, history=history,
-                         args={k: getattr(args, k) for k in TRAIN_OPTIONS + ("data", "out")})
+                         args={k: getattr(args, k) for k in TRAIN_OPTIONS + ("data", "out", "amp", "channels_last")})
             save_checkpoint(state, last_path)
             if improved:
                 save_checkpoint(state, out / "best.pt")
@@ -613,7 +676,7 @@ def cmd_train(args):
 def evaluation_setup(args):
     ckpt = load_checkpoint(args.checkpoint)
     rt = setup_runtime(args)
-    return ckpt, rt, model_from_checkpoint(ckpt, rt)
+    return ckpt, rt, model_from_checkpoint(ckpt, rt, args.checkpoint)
 
 
 def data_root(args, ckpt):
@@ -650,10 +713,32 @@ def results_dict(ckpt, classes, m, cm, tta):
 
 def write_json(path, obj):
     if path:
-        try:
-            Path(path).write_text(json.dumps(obj, indent=2) + "\n")
-        except OSError as e:
-            raise FerError(f"cannot write {path} ({e.strerror}); choose another path") from None
+        write_file(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def write_file(path, write):
+    """`write(f)` into a temporary file renamed over `path`, so a full disk or an
+    interrupt leaves an earlier `path` intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise FerError(f"cannot write {path} ({e.strerror or e}); free disk space or choose another path") from None
+    finally:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def make_folder(path, option):
+    """mkdir -p, with a one-line error naming the option that chose the folder."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        reason = "a file has that name" if isinstance(e, FileExistsError) else e.strerror
+        raise FerError(f"cannot create {option} folder {path} ({reason}); choose another {option}") from None
 
 
 def cmd_test(args):
@@ -673,10 +758,12 @@ def cmd_test(args):
     write_json(args.json, results_dict(ckpt, faces.classes, m, cm, args.tta))
     if args.save_dir:
         save_dir = Path(args.save_dir)
-        save_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(save_dir, "--save-dir")
         write_json(save_dir / "metrics.json", results_dict(ckpt, faces.classes, m, cm, args.tta))
-        draw_confusion_matrix(cm, faces.classes).save(save_dir / "confusion_matrix.png")
-        draw_mistakes(faces, probs, args.mistakes).save(save_dir / "mistakes.png")
+        picture = draw_confusion_matrix(cm, faces.classes)
+        write_file(save_dir / "confusion_matrix.png", lambda f: picture.save(f, format="PNG"))
+        picture = draw_mistakes(faces, probs, args.mistakes)
+        write_file(save_dir / "mistakes.png", lambda f: picture.save(f, format="PNG"))
         log(f"wrote {save_dir}/metrics.json, confusion_matrix.png and mistakes.png")
     return m
 
@@ -685,10 +772,13 @@ def cmd_test(args):
 # Using a trained model: predict, pictures, export
 
 def find_images(paths):
+    """Image files of PATHs in order, each once; folders searched recursively."""
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
+            # Hidden entries (.ipynb_checkpoints/, macOS ._face.jpg) are not faces.
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
                 raise FerError(f"folder {p} has no images ({' '.join(IMG_EXTENSIONS)})")
             files += found
@@ -696,19 +786,24 @@ def find_images(paths):
             files.append(p)
         else:
             raise FerError(f"{p} does not exist; give image files or folders of images")
-    return files
+    return list(dict.fromkeys(files))  # a file given twice (or inside a given folder too) is one row
 
 
 def cmd_predict(args):
     """Class probabilities of each image file (or each image in a folder)."""
+    files = find_images(args.paths)  # a wrong path fails before the model loads
     ckpt, rt, model = evaluation_setup(args)
-    classes, files = ckpt["classes"], find_images(args.paths)
+    classes = ckpt["classes"]
+    # normalize() applies this file's MEAN and STD: refuse a checkpoint trained with others.
+    if (ckpt.get("mean", MEAN), ckpt.get("std", STD)) != (MEAN, STD):
+        raise FerError(f"{args.checkpoint} was trained with mean {ckpt['mean']} and std {ckpt['std']}, "
+                       f"this fer.py normalises with {MEAN} and {STD}; use the fer.py that trained it")
     images = []
     for f in files:
         try:
             images.append(read_image(f, ckpt["image_size"], ckpt["in_channels"]))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise FerError(f"cannot read image {f} ({e})") from None
+            raise FerError(f"cannot read image {f} ({e}); remove it or give only image files") from None
     probs = predict_probs(model, torch.stack(images), rt, args.batch_size, args.tta)
     top = min(args.top, len(classes))
     results = []
@@ -720,58 +815,94 @@ def cmd_predict(args):
                             probabilities={c: round(float(v), 4) for c, v in zip(classes, p)}))
     name_w = max(len("file"), *(len(r["file"]) for r in results))
     col_w = max(8, *(len(c) for c in classes))
-    log(f"{'file':<{name_w}}  {'predicted':<{col_w}}  " + "  ".join(f"{c:>{col_w}}" for c in classes))
+    pred_w = max(len("predicted"), col_w)  # "predicted" is 9 wide: a col_w of 8 set rows off by one
+    log(f"{'file':<{name_w}}  {'predicted':<{pred_w}}  " + "  ".join(f"{c:>{col_w}}" for c in classes))
     for r in results:
-        log(f"{r['file']:<{name_w}}  {r['prediction']:<{col_w}}  "
+        log(f"{r['file']:<{name_w}}  {r['prediction']:<{pred_w}}  "
             + "  ".join(f"{r['probabilities'][c]:>{col_w}.3f}" for c in classes))
     write_json(args.json, dict(arch=ckpt["arch"], tta=args.tta, classes=classes, predictions=results))
     return results
 
 
-def draw_confusion_matrix(cm, classes, cell=72):
-    """Counts in cells coloured by the row-normalised rate (recall on the diagonal)."""
-    n = len(classes)
-    rates = cm.float() / cm.sum(1, keepdim=True).clamp(min=1)
-    margin = 12 + 7 * max(len(c) for c in classes)
-    width, height = margin + n * cell + 12, margin + n * cell + 36
-    img = Image.new("RGB", (width, height), "white")
+def draw_confusion_matrix(cm, classes, cell=80, font_size=16):
+    """Counts in cells coloured by the row-normalised rate (recall on the diagonal).
+
+    The size follows from the arguments, not from font metrics, so it is the same
+    on every machine: a name is given 0.6 font_size a character (more than lowercase
+    needs) and cells are at least that wide, so column names never overlap.
+    """
+    from PIL import ImageFont
+
+    def font(size):
+        try:
+            return ImageFont.load_default(size=size)  # Pillow >= 10.1: scalable
+        except TypeError:
+            return ImageFont.load_default()  # older Pillow: its small bitmap font
+
+    n, pad, line = len(classes), 12, round(1.5 * font_size)
+    name_w = math.ceil(0.6 * font_size * max(len("true"), *map(len, classes)))
+    cell = max(cell, name_w + 8)  # column names never overlap
+    left, top = pad + name_w + pad, pad + 2 * line
+    note = "colour and %: share of the true class (row)"
+    width = max(left + n * cell, pad + math.ceil(0.6 * round(0.8 * font_size) * len(note))) + pad
+    img = Image.new("RGB", (width, top + n * cell + line + pad), "white")
     d = ImageDraw.Draw(img)
-    d.text((margin, 6), "predicted class ->", fill="black")
-    d.text((6, height - 24), "rows: true class; colour: share of the row", fill="black")
+    text, big, small = font(font_size), font(round(1.25 * font_size)), font(round(0.8 * font_size))
+
+    def centred(x, y, s, f, fill="black"):
+        d.text((x - d.textlength(s, font=f) / 2, y), s, font=f, fill=fill)
+
+    rates = cm.float() / cm.sum(1, keepdim=True).clamp(min=1)
+    centred(left + n * cell / 2, pad, "predicted", text, "dimgray")
+    d.text((pad, top - line), "true", font=text, fill="dimgray")
     for i, name in enumerate(classes):
-        d.text((margin + i * cell + 4, margin - 16), name[:cell // 7], fill="black")
-        d.text((6, margin + i * cell + cell // 2 - 6), name, fill="black")
+        centred(left + (i + 0.5) * cell, top - line, name, text)
+        d.text((pad, top + i * cell + (cell - font_size) / 2), name, font=text, fill="black")
         for j in range(n):
             r = float(rates[i, j])
-            colour = (int(255 - 200 * r), int(255 - 140 * r), 255)  # white -> blue
-            box = (margin + j * cell, margin + i * cell, margin + (j + 1) * cell, margin + (i + 1) * cell)
-            d.rectangle(box, fill=colour, outline="grey")
-            text = f"{int(cm[i, j])}\n{r:.0%}"
-            d.multiline_text((box[0] + 8, box[1] + cell // 2 - 12), text, fill="white" if r > 0.5 else "black")
+            x, y = left + j * cell, top + i * cell
+            d.rectangle((x, y, x + cell, y + cell), fill=(int(255 - 215 * r), int(255 - 155 * r), 255),
+                        outline="darkgray")
+            ink = "white" if r > 0.5 else "black" if cm[i, j] else "darkgray"
+            centred(x + cell / 2, y + cell / 2 - 1.3 * font_size, str(int(cm[i, j])), big, ink)
+            centred(x + cell / 2, y + cell / 2 + 0.2 * font_size, f"{r:.0%}", small, ink)
+    d.text((pad, top + n * cell + line / 3), note, font=small, fill="dimgray")
     return img
 
 
-def draw_mistakes(faces, probs, limit, tile=96):
-    """A grid of misclassified images, most confident mistakes first, each captioned
-    'true -> predicted (confidence)'."""
+def draw_mistakes(faces, probs, limit, tile=128, font_size=14):
+    """A grid of misclassified images, the most confident mistakes first, each
+    captioned with its true class and, in red, the predicted class and confidence.
+
+    Size, from the arguments alone: 4 to 8 columns of tile + gap (8 px) plus a gap
+    wide; a header line, then rows of tile + 2 caption lines + gap, lines being
+    1.3 font_size high.
+    """
+    from PIL import ImageFont
+
+    try:
+        font = ImageFont.load_default(size=font_size)  # Pillow >= 10.1: scalable
+    except TypeError:
+        font = ImageFont.load_default()  # older Pillow: its small bitmap font
     conf, pred = probs.max(1)
     wrong = (pred != faces.labels).nonzero().flatten()
-    wrong = wrong[conf[wrong].argsort(descending=True)][:limit]
-    cols = max(1, min(8, len(wrong)))
-    rows = max(1, math.ceil(len(wrong) / cols))
-    caption = 28
-    img = Image.new("RGB", (cols * tile, rows * (tile + caption)), "white")
+    shown = wrong[conf[wrong].argsort(descending=True)][:limit]
+    cols = min(8, max(4, len(shown)))  # at least 4, so the header fits
+    rows = max(1, math.ceil(len(shown) / cols))
+    gap, line = 8, round(1.3 * font_size)
+    top, row_h = gap + line, tile + 2 * line + gap
+    img = Image.new("RGB", (gap + cols * (tile + gap), top + gap + rows * row_h), "white")
     d = ImageDraw.Draw(img)
-    if len(wrong) == 0:
-        d.text((4, 4), "no mistakes", fill="black")
-    for k, i in enumerate(wrong.tolist()):
-        face = faces.images[i]
-        face = face.expand(3, -1, -1) if face.shape[0] == 1 else face
-        face = F.interpolate(face[None].float(), size=(tile, tile), mode="bilinear", align_corners=False)[0]
-        x, y = (k % cols) * tile, (k // cols) * (tile + caption)
-        img.paste(T.functional.to_pil_image(face.clamp(0, 255).byte()), (x, y))
-        d.text((x + 2, y + tile + 1), f"{faces.classes[faces.labels[i]][:7]}>{faces.classes[pred[i]][:7]}", fill="black")
-        d.text((x + 2, y + tile + 14), f"{float(conf[i]):.0%} sure", fill="red")
+    d.text((gap, gap // 2), f"{len(shown)} of {len(wrong)} mistakes in {len(probs)} images, most confident first"
+           if len(wrong) else f"no mistakes in {len(probs)} images", font=font, fill="black")
+    for k, i in enumerate(shown.tolist()):
+        x, y = gap + (k % cols) * (tile + gap), top + gap + (k // cols) * row_h
+        face = T.functional.to_pil_image(faces.images[i]).convert("RGB")
+        img.paste(face.resize((tile, tile), Image.BICUBIC), (x, y))
+        d.rectangle((x - 1, y - 1, x + tile, y + tile), outline="darkgray")  # white faces on white
+        d.text((x, y + tile + 2), f"true: {faces.classes[faces.labels[i]][:10]}", font=font, fill="black")
+        d.text((x, y + tile + 2 + line), f"pred: {faces.classes[pred[i]][:10]} {float(conf[i]):.0%}",
+               font=font, fill="firebrick")
     return img
 
 
@@ -781,7 +912,7 @@ def cmd_export(args):
     state = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", "scaler")}
     if args.half:
         state["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    make_folder(Path(args.out).parent, "--out")
     save_checkpoint(state, args.out)
     log(f"wrote {args.out} ({Path(args.out).stat().st_size / 2**20:.1f} MiB)")
 
@@ -789,7 +920,7 @@ def cmd_export(args):
 # ----------------------------------------------------------------------------
 # Benchmark: the report's pipeline against ours
 
-def bench_train(model, batches, steps, rt, batch_size):
+def bench_train(model, batches, steps, rt):
     """Training images/s over `steps` steps, after one warm-up step."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     criterion = nn.CrossEntropyLoss()
@@ -832,37 +963,36 @@ def cmd_bench(args):
     recipe = RECIPES[args.model]
     size = args.image_size or recipe["image_size"]
     batch = args.batch_size or recipe["batch_size"]
+    n_images = batch * (args.steps + 1)
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.data) / "train" if args.data else write_fake_folder(Path(tmp), 2, batch * (args.steps + 1))
-        base = Runtime(pick_device_for_bench(args))
+        root = Path(args.data) / "train" if args.data else write_fake_folder(Path(tmp), 2, n_images)
         ours = setup_runtime(args)
-        log(f"bench {args.model}, batch {batch}, {args.steps} timed steps, on "
+        plain = Runtime(ours.device)  # float32, default memory layout
+        log(f"bench {args.model}, batch {batch}, {args.steps} timed steps after one warm-up, on "
             f"{describe_cpu() if ours.device.type == 'cpu' else torch.cuda.get_device_name(ours.device)}")
         rows = []
-        for label, rt, pipeline, s in (("report: PIL per image, float32", base, "pil", args.report_size),
-                                       ("ours: in-memory tensors, same size", ours, "tensor", args.report_size),
-                                       ("ours: in-memory tensors, default size", ours, "tensor", size)):
-            faces = load_faces(root, s, args.in_channels, skip_bad=True)
+        for label, rt, pipeline, s in (("report: PIL per image", plain, "pil", args.report_size),
+                                       ("ours: in-memory tensors", ours, "tensor", args.report_size),
+                                       ("ours: in-memory tensors", plain, "tensor", size),
+                                       ("ours: in-memory tensors", ours, "tensor", size)):
+            faces = load_faces(root, s, args.in_channels, skip_bad=True, limit=n_images)
             opts = argparse.Namespace(crop_scale=0.5, rotation=10, erasing=0.25, image_size=s,
                                       in_channels=args.in_channels, workers=args.workers)
             torch.manual_seed(0)
             model = build_model(args.model, len(faces.classes), args.in_channels, s, rt)
-            idx = torch.arange(len(faces.labels)).repeat(math.ceil(batch * (args.steps + 1) / len(faces.labels)))
+            idx = torch.arange(len(faces.labels)).repeat(math.ceil(n_images / len(faces.labels)))
             batches = (pil_batches if pipeline == "pil" else tensor_batches)(faces, idx, batch, opts, rt, 0)
-            train_ips = bench_train(model, batches, args.steps, rt, batch)
+            train_ips = bench_train(model, batches, args.steps, rt)
             infer_ips = bench_infer(model, faces, rt, batch)
             amp = str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "float32"
-            rows.append((label, s, amp, rt.channels_last, train_ips, infer_ips, peak_memory_mb(rt)))
-            log(f"{label:<40} {s:>4}px  {amp:>8}  channels_last={str(rt.channels_last):<5}  "
-                f"train {train_ips:8.1f} img/s  infer {infer_ips:8.1f} img/s  peak {rows[-1][-1]:6.0f} MiB")
-        log(f"ours / report at {args.report_size}px: {rows[1][4] / rows[0][4]:.1f}x training; "
-            f"ours at {size}px / report at {args.report_size}px: {rows[2][4] / rows[0][4]:.1f}x training; "
-            f"epoch of 4,500 images at {size}px: about {4500 / rows[2][4]:.0f} s")
+            rows.append(train_ips)
+            log(f"{label:<24} {s:>4}px  {amp:>8}  channels_last={str(rt.channels_last):<5}  "
+                f"train {train_ips:7.1f} img/s  infer {infer_ips:7.1f} img/s  peak RSS {peak_memory_mb(rt):5.0f} MiB")
+            del model, faces
+        log(f"ours / report at {args.report_size}px: {rows[1] / rows[0]:.1f}x training; "
+            f"ours at {size}px / report at {args.report_size}px: {rows[3] / rows[0]:.1f}x; "
+            f"an epoch of 4,500 images at {size}px: about {4500 / rows[3]:.0f} s")
     return rows
-
-
-def pick_device_for_bench(args):
-    return torch.device(pick_device(args.device))
 
 
 def write_fake_folder(root, classes, n):
@@ -982,7 +1112,9 @@ def build_parser():
     r = sub.add_parser("predict", help="class probabilities of image files or folders", **fmt)
     r.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
     r.add_argument("--checkpoint", required=True, help="a .pt file written by train or export")
-    r.add_argument("--top", type=number(int, 1), default=3, help="how many classes the JSON lists per image (default: %(default)s)")
+    r.add_argument("--top", type=number(int, 1), default=3, metavar="K",
+                   help="how many classes, most probable first, the JSON's `top` lists per image; the table "
+                        "and the JSON's `probabilities` always give every class (default: %(default)s)")
     r.add_argument("--tta", **tta)
     r.add_argument("--batch-size", type=number(int, 1), default=128, help="(default: %(default)s)")
     r.add_argument("--json", metavar="PATH", help="also write the predictions as JSON to PATH")
@@ -995,7 +1127,7 @@ def build_parser():
     b.add_argument("--image-size", type=number(int, 1), help="our input size (default: the network's recipe)")
     b.add_argument("--report-size", type=number(int, 1), default=224, help="the report's input size (default: %(default)s)")
     b.add_argument("--batch-size", type=number(int, 1), help="(default: the network's recipe)")
-    b.add_argument("--steps", type=number(int, 1), default=5, help="timed training steps per pipeline (default: %(default)s)")
+    b.add_argument("--steps", type=number(int, 1), default=3, help="timed training steps per pipeline (default: %(default)s)")
     b.add_argument("--in-channels", type=int, choices=[1, 3], default=3, help="(default: %(default)s)")
     runtime_options(b)
     b.set_defaults(func=cmd_bench)

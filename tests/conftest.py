@@ -1,4 +1,5 @@
 """Shared fixtures: the repository on sys.path and tiny image folders written by the tests."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,13 @@ def tiny_data(tmp_path_factory):
     return root
 
 
+# One thread per test process: the networks are tiny here, and several processes
+# spinning on two cores each would mostly wait for one another.
+torch.set_num_threads(1)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def run_fer(*args, cwd=None, timeout=300):
     """`python fer.py ARGS` in a subprocess, as a user runs it."""
-    return subprocess.run([sys.executable, str(ROOT / "fer.py"), *map(str, args)], cwd=cwd,
+    return subprocess.run([sys.executable, str(ROOT / "fer.py"), *map(str, args)], cwd=cwd, env=ENV,
                           capture_output=True, text=True, timeout=timeout)

@@ -13,6 +13,16 @@ PARAMS = {'alexnet': 58_301_829, 'vgg11': 128_786_821, 'resnet34': 21_287_237,
           'resnet50': 23_518_277, 'resnet101': 42_510_405, 'googlenet': 10_326_191}
 
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """Batch-1/2 forwards gain little from threads, and on busy shared cores
+    spinning intra-op threads made this file 2-3x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope='module')
 def build():
     """Each default model built once for the whole module, in eval mode."""

@@ -1,0 +1,496 @@
+"""Bad input, interruptions and untrusted files: the troubleshooting cases 1-9.
+
+Each case must end with a one-line error on stderr that names the problem and the
+fix, a non-zero exit status, no Python traceback, and no damage to files already
+written. Every case runs `fer.py` in a subprocess at least once (`run_fer`); the
+further variants of a case call `fer.main` in this process (`fer_main`), because
+starting Python and torch costs seconds per run on a small, shared CPU. An
+exception other than SystemExit escaping `fer.main` fails the test, as a traceback
+would. One trained run is shared by the module.
+"""
+import errno
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import fer
+from conftest import CLASSES, ROOT, run_fer, write_faces
+
+FAST = ("--model", "resnet34", "--image-size", "32", "--batch-size", "4")
+EPOCHS = 3  # the shared run; case 7 interrupts a copy of it after epoch 1
+# Threads change the float sums: every run that case 7 compares uses one thread.
+RUN = (*FAST, "--epochs", str(EPOCHS), "--threads", "1")
+
+
+# ----------------------------------------------------------------------------
+# Helpers
+
+def assert_error(code, err, *needles, status=2):
+    """Exit `status`, no traceback, and one line on stderr naming every needle."""
+    assert code == status, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fer.py "), err
+    for needle in needles:
+        assert str(needle) in err, f"{needle!r} not in {err!r}"
+
+
+def snapshot(folder):
+    """Every file under `folder`: size, mtime and SHA-256, to show nothing changed."""
+    return {p.relative_to(folder): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(Path(folder).rglob("*")) if p.is_file() or p.is_symlink()}
+
+
+def link_run(run, dest):
+    """A previous run's checkpoints in `dest`, as hard links (the files are large):
+    fer.py replaces a checkpoint by renaming, so the shared run is never touched."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("best.pt", "last.pt"):
+        os.link(run / name, dest / name)
+    return dest
+
+
+def faces_with(root, classes=CLASSES, per_class=3, split="train", seed=0):
+    """`root/split/<class>/NNN.jpg`, small."""
+    write_faces(root / split, classes=classes, per_class=per_class, size=40, seed=seed)
+    return root
+
+
+@pytest.fixture
+def fer_main(capsys):
+    """fer.main(ARGS) in this process: (exit status, stdout, stderr)."""
+    def call(*args):
+        capsys.readouterr()
+        threads = torch.get_num_threads()  # fer.main sets them for its run
+        try:
+            fer.main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        finally:
+            torch.set_num_threads(threads)
+        out, err = capsys.readouterr()
+        return code, out, err
+    return call
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data, tmp_path_factory):
+    """One uninterrupted run, shared: its checkpoints feed the checkpoint cases, and
+    its final weights are what case 7's interrupted and resumed run must reach."""
+    out = tmp_path_factory.mktemp("run")
+    r = run_fer("train", "--data", tiny_data, "--out", out, *RUN)
+    assert r.returncode == 0, r.stderr
+    assert fer.load_checkpoint(out / "last.pt")["epoch"] == EPOCHS
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpt(run):
+    """The shared run's last.pt, loaded (to craft damaged variants from)."""
+    return fer.load_checkpoint(run / "last.pt")
+
+
+# ----------------------------------------------------------------------------
+# 1. --data missing, not a folder, or without train/ (test/ for `test`)
+
+def test_1_data_missing_subprocess(tmp_path):
+    r = run_fer("train", "--data", tmp_path / "nowhere", "--out", tmp_path / "out", *FAST, "--epochs", "1")
+    assert_error(r.returncode, r.stderr, tmp_path / "nowhere" / "train", "not found", "--data DIR must hold")
+    assert not (tmp_path / "out").exists()  # stopped before any work
+
+
+def test_1_data_without_test_subprocess(run, tmp_path):
+    data = faces_with(tmp_path / "data")  # train/ only
+    before = snapshot(run)
+    r = run_fer("test", "--checkpoint", run / "best.pt", "--data", data)
+    assert_error(r.returncode, r.stderr, data / "test", "not found", "DIR/test/<class>/")
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("case", ["file", "no_train", "no_data_option", "validate_no_train", "test_missing"])
+def test_1_data_layouts(case, run, tmp_path, fer_main):
+    out = tmp_path / "out"
+    only_test = faces_with(tmp_path / "only_test", split="test")
+    a_file = tmp_path / "faces.zip"
+    a_file.write_bytes(b"PK\x03\x04 not really")
+    calls = {
+        "file": (("train", "--data", a_file, "--out", out, *FAST), (a_file / "train", "not found")),
+        "no_train": (("train", "--data", only_test, "--out", out, *FAST), (only_test / "train", "not found")),
+        "no_data_option": (("train", "--out", out, *FAST), ("--data DIR is required",)),
+        "validate_no_train": (("validate", "--checkpoint", run / "last.pt", "--data", only_test),
+                              (only_test / "train", "is not a folder", "DIR/train/<class>/")),
+        "test_missing": (("test", "--checkpoint", run / "last.pt", "--data", tmp_path / "nowhere"),
+                         (tmp_path / "nowhere" / "test", "not found")),
+    }
+    args, needles = calls[case]
+    before = snapshot(tmp_path)
+    assert_error(*fer_main(*args)[::2], *needles)
+    assert snapshot(tmp_path) == before and not out.exists()
+
+
+# ----------------------------------------------------------------------------
+# 2. Empty class folders, one class, odd extensions, non-image files
+
+def test_2_one_class_subprocess(tmp_path):
+    data = faces_with(tmp_path / "data", classes=("happy",))
+    r = run_fer("train", "--data", data, "--out", tmp_path / "out", *FAST)
+    assert_error(r.returncode, r.stderr, data / "train", "1 class folder(s)", "at least two")
+    assert not list((tmp_path / "out").glob("*.pt"))
+
+
+@pytest.mark.parametrize("case", ["empty_class", "only_text_files", "no_class_folders"])
+def test_2_classes_without_images(case, tmp_path, fer_main):
+    data = faces_with(tmp_path / "data")
+    train = data / "train"
+    if case == "empty_class":
+        (train / "surprise").mkdir()
+        needles = (train / "surprise", "has no images", "add some or remove the folder")
+    elif case == "only_text_files":
+        (train / "surprise").mkdir()
+        (train / "surprise" / "README.txt").write_text("faces go here\n")
+        needles = (train / "surprise", "has no images")
+    else:
+        for p in train.rglob("*.jpg"):
+            p.rename(train / f"{p.parent.name}_{p.name}")
+        for c in CLASSES:
+            (train / c).rmdir()
+        needles = (train, "0 class folder(s)")
+    before = snapshot(data)
+    assert_error(*fer_main("train", "--data", data, "--out", tmp_path / "out", *FAST)[::2], *needles)
+    assert snapshot(data) == before
+
+
+def test_2_odd_extensions_load_and_other_files_are_ignored(tmp_path):
+    """.JPG, .jpeg, .PNG, .bmp, .WebP ... all load; README.txt and the like are
+    skipped, and counted."""
+    data = faces_with(tmp_path / "data", per_class=6)
+    exts = (".JPG", ".jpeg", ".PNG", ".bmp", ".WebP", ".Png")
+    for c in CLASSES:
+        for p, ext in zip(sorted((data / "train" / c).glob("*.jpg")), exts):
+            with Image.open(p) as img:
+                img.save(p.with_suffix(ext))
+            p.unlink()
+    (data / "train" / "angry" / "README.txt").write_text("where these faces come from\n")
+    (data / "train" / "happy" / "notes.md").write_text("# notes\n")
+    (data / "train" / "sad" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    r = run_fer("train", "--data", data, "--out", tmp_path / "out", *FAST, "--epochs", "1")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    assert f"ignored 3 non-image file(s) under {data / 'train'}" in r.stdout
+    assert "15 training and 3 validation images of 3 classes" in r.stdout  # 6 a class, all read
+    assert fer.load_checkpoint(tmp_path / "out" / "last.pt")["classes"] == list(CLASSES)
+
+
+# ----------------------------------------------------------------------------
+# 3. Corrupt or truncated images
+
+def test_3_corrupt_image_subprocess(tmp_path):
+    data = faces_with(tmp_path / "data")
+    bad = data / "train" / "happy" / "001.jpg"
+    bad.write_bytes(b"this is not a JPEG")
+    before = snapshot(data)
+    r = run_fer("train", "--data", data, "--out", tmp_path / "out", *FAST)
+    assert_error(r.returncode, r.stderr, f"cannot read image {bad}", "--skip-bad-images")
+    assert snapshot(data) == before and not list((tmp_path / "out").glob("*.pt"))
+
+
+def test_3_truncated_image_names_it_and_skip_goes_on(run, tmp_path, fer_main):
+    data = faces_with(tmp_path / "data", split="test", per_class=2, seed=1)
+    bad = data / "test" / "sad" / "001.jpg"
+    bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 2])
+    assert_error(*fer_main("test", "--checkpoint", run / "best.pt", "--data", data)[::2],
+                 f"cannot read image {bad}", "truncated", "--skip-bad-images")
+    code, out, err = fer_main("test", "--checkpoint", run / "best.pt", "--data", data, "--skip-bad-images")
+    assert code == 0, err
+    assert f"skipped 1 unreadable image(s), first {bad}" in out
+    assert f"on {data / 'test'}: 5 images" in out  # 6 files, the truncated one left out
+
+
+# ----------------------------------------------------------------------------
+# 4. Missing, foreign, truncated checkpoints; another network; other classes
+
+def test_4_truncated_checkpoint_subprocess(run, tiny_data, tmp_path):
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes((run / "best.pt").read_bytes()[:100_000])
+    before = snapshot(tmp_path)
+    r = run_fer("test", "--checkpoint", cut, "--data", tiny_data)
+    assert_error(r.returncode, r.stderr, cut, "not a readable checkpoint", "truncated")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", ["missing", "text", "empty", "random_bytes", "tensor", "no_classes",
+                                  "weights_of_another_network"])
+def test_4_not_a_checkpoint(case, ckpt, tiny_data, tmp_path, fer_main):
+    path = tmp_path / f"{case}.pt"
+    needles = ("not a readable checkpoint",)
+    if case == "missing":
+        needles = ("does not exist",)
+    elif case == "text":
+        path.write_text("resnet34 weights, see the README\n")
+    elif case == "empty":
+        path.write_bytes(b"")
+        needles = ("not a readable checkpoint", "empty file")
+    elif case == "random_bytes":
+        path.write_bytes(bytes(range(256)) * 64)
+    elif case == "tensor":
+        torch.save(torch.zeros(3), path)
+        needles = ("is not a fer checkpoint", "arch, classes")
+    elif case == "no_classes":
+        torch.save({k: v for k, v in ckpt.items() if k not in ("classes", "optimizer")}, path)
+        needles = ("is not a fer checkpoint", "lacks classes")
+    else:  # labelled googlenet, holding resnet34 weights
+        torch.save({**{k: v for k, v in ckpt.items() if k != "optimizer"}, "arch": "googlenet"}, path)
+        needles = ("do not fit a googlenet network",)
+    before = snapshot(tmp_path)
+    assert_error(*fer_main("test", "--checkpoint", path, "--data", tiny_data)[::2], path, *needles)
+    assert snapshot(tmp_path) == before
+
+
+def test_4_resume_with_another_network(run, tmp_path, fer_main):
+    before = snapshot(run)
+    assert_error(*fer_main("train", "--resume", run / "last.pt", "--model", "googlenet")[::2],
+                 "is a resnet34 checkpoint but --model is googlenet", "drop --model")
+    assert snapshot(run) == before
+
+
+def test_4_resume_from_an_export(run, tmp_path, fer_main):
+    exported = tmp_path / "export.pt"
+    assert fer_main("export", "--checkpoint", run / "best.pt", "--out", exported)[0] == 0
+    before = snapshot(tmp_path)
+    assert_error(*fer_main("train", "--resume", exported)[::2], "no training state", "optimizer", "last.pt")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["test", "validate"])
+def test_4_other_classes(command, run, tmp_path, fer_main):
+    split = "test" if command == "test" else "train"
+    data = faces_with(tmp_path / "data", classes=("angry", "happy", "surprise"), split=split, per_class=2)
+    before = snapshot(run)
+    assert_error(*fer_main(command, "--checkpoint", run / "best.pt", "--data", data)[::2],
+                 "trained on classes ['angry', 'happy', 'sad']", "has ['angry', 'happy', 'surprise']")
+    assert snapshot(run) == before
+
+
+# ----------------------------------------------------------------------------
+# 5. A checkpoint that carries pickled code
+
+class Payload:
+    """Unpickling this calls Path(marker).touch(): code run by merely loading a file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)
+
+
+def test_5_pickled_code_is_refused_and_never_runs(ckpt, tiny_data, tmp_path):
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({**{k: v for k, v in ckpt.items() if k != "optimizer"}, "note": Payload(marker)}, evil)
+    before = snapshot(tmp_path)
+    r = run_fer("test", "--checkpoint", evil, "--data", tiny_data)
+    assert_error(r.returncode, r.stderr, evil, "pickled Python code", "refuses", "none of it ran")
+    assert not marker.exists()
+    assert snapshot(tmp_path) == before
+    # The file is really armed: an unsafe load runs the code.
+    torch.load(evil, weights_only=False)
+    assert marker.exists()
+
+
+# ----------------------------------------------------------------------------
+# 6. Options out of range, caught before any work starts
+
+def test_6_image_size_below_minimum_subprocess(tiny_data, tmp_path):
+    r = run_fer("train", "--data", tiny_data, "--out", tmp_path / "out", "--model", "alexnet",
+                "--image-size", "32", "--epochs", "1")
+    assert_error(r.returncode, r.stderr, "--image-size 32 is below alexnet's minimum of 63", "--image-size 63")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options, needle", [
+    (("--epochs", "0"), "--epochs: 0 is out of range (must be >= 1)"),
+    (("--epochs", "two"), "--epochs: 'two' is not an integer"),
+    (("--lr", "-1"), "--lr: -1 is out of range (must be > 0)"),
+    (("--lr", "0"), "--lr: 0 is out of range"),
+    (("--lr", "nan"), "--lr: nan is out of range"),
+    (("--batch-size", "0"), "--batch-size: 0 is out of range (must be >= 1)"),
+    (("--val-fraction", "1.5"), "--val-fraction: 1.5 is out of range (must be > 0 and < 1)"),
+    (("--val-fraction", "0"), "--val-fraction: 0 is out of range"),
+    (("--image-size", "0"), "--image-size: 0 is out of range"),
+    (("--model", "googlenet", "--image-size", "16"), "--image-size 16 is below googlenet's minimum of 31"),
+    (("--model", "vgg11", "--image-size", "31"), "--image-size 31 is below vgg11's minimum of 32"),
+    (("--model", "resnet18"), "--model: invalid choice: 'resnet18'"),
+])
+def test_6_options_out_of_range(options, needle, tiny_data, tmp_path, fer_main):
+    args = dict(zip(FAST[::2], FAST[1::2]))
+    args.update(zip(options[::2], options[1::2]))
+    tic = time.time()
+    code, _, err = fer_main("train", "--data", tiny_data, "--out", tmp_path / "out", *sum(args.items(), ()))
+    assert_error(code, err, needle)
+    assert not (tmp_path / "out").exists() and time.time() - tic < 5
+
+
+@pytest.mark.parametrize("command", ["test", "validate", "predict"])
+def test_6_evaluation_options_out_of_range(command, run, tiny_data, fer_main):
+    paths = (tiny_data / "test",) if command == "predict" else ()
+    code, _, err = fer_main(command, *paths, "--checkpoint", run / "best.pt", "--batch-size", "0")
+    assert_error(code, err, "--batch-size: 0 is out of range")
+
+
+# ----------------------------------------------------------------------------
+# 7. Ctrl-C during training; --resume ends with the weights of an uninterrupted run
+
+def test_7_ctrl_c_keeps_checkpoints_and_resume_matches(run, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "fer.py"), "train", "--data", str(tiny_data),
+                             "--out", str(out), *RUN], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            # Python only turns SIGINT into KeyboardInterrupt if it is not ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        for line in proc.stdout:  # the epoch line is printed just before the checkpoints are written
+            if re.match(r"epoch +1/", line):
+                break
+        assert proc.poll() is None, proc.stderr.read()
+        deadline = time.time() + 60  # epoch 1 always improves: last.pt, then best.pt
+        while not (out / "best.pt").exists() and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)  # during epoch 2, or while it saves
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert f"interrupted; {out}/last.pt holds the last completed epoch" in err
+    assert f"--resume {out}/last.pt" in err
+    assert not list(out.glob(".*.tmp"))  # no half-written file left behind
+    cut = fer.load_checkpoint(out / "last.pt")
+    assert 1 <= cut["epoch"] < EPOCHS
+    fer.load_checkpoint(out / "best.pt")
+
+    r = run_fer("train", "--resume", out / "last.pt", "--threads", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from {out / 'last.pt'} after epoch {cut['epoch']} of {EPOCHS}" in r.stdout
+    full = fer.load_checkpoint(run / "last.pt")["state_dict"]
+    resumed = fer.load_checkpoint(out / "last.pt")
+    assert resumed["epoch"] == EPOCHS and resumed["state_dict"].keys() == full.keys()
+    for k, v in full.items():
+        assert torch.equal(resumed["state_dict"][k], v), k
+
+
+# ----------------------------------------------------------------------------
+# 8. A loss that becomes NaN or infinite
+
+def test_8_diverging_loss_stops_and_keeps_the_last_good_checkpoint(run, tiny_data, tmp_path):
+    out = link_run(run, tmp_path / "out")  # a previous run's checkpoints in the same --out
+    before = snapshot(out)
+    r = run_fer("train", "--data", tiny_data, "--out", out, *FAST, "--epochs", "2", "--lr", "1e30")
+    assert_error(r.returncode, r.stderr, "at epoch 1 step ", "training diverged", "lower --lr",
+                 "peak is 1e+30; try 1e+29")
+    assert re.search(r"the loss became (nan|inf|-inf) at epoch 1 step \d+/5", r.stderr), r.stderr
+    assert snapshot(out) == before
+    assert fer.load_checkpoint(out / "last.pt")["epoch"] == EPOCHS
+
+
+def test_8_non_finite_weights_are_never_saved():
+    """A finite loss at the last step can still leave inf weights: caught before saving."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e38)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    batches = [(torch.randn(8, 4) * 1e10, torch.randint(0, 2, (8,)))]  # finite loss, gradients ~1e10
+    with pytest.raises(fer.FerError, match=r"weights became inf or NaN at epoch 3 step 1/1: .*lower --lr"):
+        fer.train_one_epoch(model, batches, 1, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
+                            nn.CrossEntropyLoss(), fer.Runtime(torch.device("cpu")), 3)
+
+
+# ----------------------------------------------------------------------------
+# 9. Output folder not writable; disk full while saving
+
+def test_9_out_not_a_folder_subprocess(tiny_data, tmp_path):
+    blocker = tmp_path / "runs"
+    blocker.write_text("a file where the output folder should go\n")
+    before = snapshot(tmp_path)
+    r = run_fer("train", "--data", tiny_data, "--out", blocker / "resnet34", *FAST)
+    assert_error(r.returncode, r.stderr, f"cannot create --out folder {blocker / 'resnet34'}", "Not a directory",
+                 "choose another --out")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_9_disk_full_keeps_the_previous_checkpoint_subprocess(run, tmp_path):
+    """A real ENOSPC: the temporary file fer.py writes before renaming is /dev/full."""
+    out = tmp_path / "model.pt"
+    os.link(run / "best.pt", out)  # a previous export
+    (tmp_path / ".model.pt.tmp").symlink_to("/dev/full")
+    before = snapshot(run)
+    r = run_fer("export", "--checkpoint", run / "last.pt", "--out", out)
+    assert_error(r.returncode, r.stderr, f"cannot write checkpoint {out}", "No space left on device",
+                 "free disk space")
+    assert snapshot(run) == before and os.path.samefile(out, run / "best.pt")  # untouched
+    assert not (tmp_path / ".model.pt.tmp").exists() and not (tmp_path / ".model.pt.tmp").is_symlink()
+    fer.load_checkpoint(out)
+
+
+def test_9_disk_full_in_save_checkpoint(ckpt, tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    torch.save({k: v for k, v in ckpt.items() if k != "optimizer"}, path)
+    before = snapshot(tmp_path)
+
+    def full_disk(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fer.torch, "save", full_disk)
+    with pytest.raises(fer.FerError, match=f"cannot write checkpoint {re.escape(str(path))} "
+                                           r"\(No space left on device\); free disk space or choose another --out"):
+        fer.save_checkpoint(ckpt, path)
+    monkeypatch.undo()
+    assert snapshot(tmp_path) == before  # no temporary file left either
+    assert fer.load_checkpoint(path)["epoch"] == EPOCHS
+
+
+@pytest.mark.parametrize("case", ["export_out", "train_out", "save_dir", "json"])
+def test_9_outputs_below_a_regular_file(case, run, tiny_data, tmp_path, fer_main):
+    blocker = tmp_path / "results"
+    blocker.write_text("a file\n")
+    before = snapshot(tmp_path)
+    if case == "export_out":
+        result = fer_main("export", "--checkpoint", run / "best.pt", "--out", blocker / "model.pt")
+        needles = (f"cannot create --out folder {blocker} (a file has that name)", "choose another --out")
+    elif case == "train_out":
+        result = fer_main("train", "--data", tiny_data, "--out", blocker, *FAST)
+        needles = (f"cannot create --out folder {blocker} (a file has that name)", "choose another --out")
+    elif case == "save_dir":
+        result = fer_main("test", "--checkpoint", run / "best.pt", "--data", tiny_data, "--save-dir", blocker / "x")
+        needles = (f"cannot create --save-dir folder {blocker / 'x'}", "Not a directory")
+    else:
+        result = fer_main("test", "--checkpoint", run / "best.pt", "--data", tiny_data, "--json", blocker / "m.json")
+        needles = (f"cannot write {blocker / 'm.json'}", "Not a directory")
+    assert_error(*result[::2], *needles)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders anyway")
+def test_9_read_only_out_folder(tiny_data, tmp_path, fer_main):
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        assert_error(*fer_main("train", "--data", tiny_data, "--out", out, *FAST)[::2],
+                     f"--out folder {out} is not writable", "choose another --out")
+    finally:
+        out.chmod(0o700)

@@ -1,0 +1,157 @@
+"""End to end: fer.py train / validate / test / bench on a tiny ImageFolder, the
+in-memory data pipeline, and torchrun."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from torchvision.datasets import ImageFolder
+
+import fer
+from conftest import ROOT, run_fer
+
+FAST = ("--model", "resnet34", "--image-size", "32", "--batch-size", "4")
+
+
+def state_dicts_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """One 2-epoch run, shared by the tests that only read its checkpoint."""
+    out = tmp_path_factory.mktemp("run")
+    r = run_fer("train", "--data", tiny_data, *FAST, "--epochs", "2", "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out, r.stdout
+
+
+def test_train_writes_best_and_last(trained):
+    out, stdout = trained
+    assert len(re.findall(r"^epoch +\d+/2 +loss [\d.]+ +val acc [\d.]+ +val macro-F1 [\d.]+ +\d+ img/s", stdout, re.M)) == 2
+    last = fer.load_checkpoint(out / "last.pt")
+    assert last["arch"] == "resnet34" and last["epoch"] == 2
+    assert last["classes"] == ["angry", "happy", "sad"] and last["image_size"] == 32
+    assert {"state_dict", "optimizer", "best_metric", "args", "mean", "std"} <= last.keys()
+    best = fer.load_checkpoint(out / "best.pt")
+    assert best["best_metric"] == max(h["val_macro_f1"] for h in last["history"])
+
+
+def test_validate_rebuilds_the_same_split(trained, tiny_data):
+    out, _ = trained
+    ckpt = fer.load_checkpoint(out / "last.pt")
+    r = run_fer("validate", "--checkpoint", out / "last.pt", "--json", out / "val.json")
+    assert r.returncode == 0, r.stderr
+    val = json.loads((out / "val.json").read_text())
+    # 8 images a class, 10% held out -> one per class; the metrics match those of training
+    assert sum(val["per_class"][c]["support"] for c in val["classes"]) == 3
+    assert val["macro_f1"] == pytest.approx(ckpt["val_metrics"]["macro_f1"])
+    assert val["accuracy"] == pytest.approx(ckpt["val_metrics"]["accuracy"])
+
+
+def test_test_writes_the_json_report(trained, tiny_data):
+    out, _ = trained
+    r = run_fer("test", "--checkpoint", out / "best.pt", "--data", tiny_data, "--json", out / "test.json")
+    assert r.returncode == 0, r.stderr
+    assert "macro avg" in r.stdout and "rows: true" in r.stdout
+    res = json.loads((out / "test.json").read_text())
+    assert res["classes"] == ["angry", "happy", "sad"]
+    assert {"accuracy", "macro_f1", "per_class", "confusion_matrix"} <= res.keys()
+    assert set(res["per_class"]["sad"]) == {"precision", "recall", "f1", "support"}
+    cm = torch.tensor(res["confusion_matrix"])
+    assert cm.shape == (3, 3) and cm.sum() == 12 and cm.sum(1).tolist() == [4, 4, 4]
+    assert res["accuracy"] == pytest.approx(cm.diag().sum().item() / 12)
+
+
+def test_resume_continues_to_the_same_weights(tiny_data, tmp_path):
+    """A run stopped after epoch 1 and resumed ends exactly like an uninterrupted one."""
+    args = ("--data", tiny_data, *FAST, "--epochs", "2", "--no-amp")
+    assert run_fer("train", *args, "--out", tmp_path / "full").returncode == 0
+    r = run_fer("train", *args, "--out", tmp_path / "cut", "--dry-run")
+    assert r.returncode == 0 and fer.load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1
+    r = run_fer("train", "--resume", tmp_path / "cut" / "last.pt")
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout and "epoch   2/2" in r.stdout
+    full = fer.load_checkpoint(tmp_path / "full" / "last.pt")
+    cut = fer.load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert cut["epoch"] == 2 and state_dicts_equal(full["state_dict"], cut["state_dict"])
+
+
+def test_in_memory_faces_match_imagefolder(tiny_data):
+    faces = fer.load_faces(tiny_data / "train", 40, 3)
+    ref = ImageFolder(tiny_data / "train", transform=fer.image_transform(40))
+    assert faces.classes == ref.classes
+    assert faces.labels.tolist() == ref.targets
+    assert faces.images.dtype == torch.uint8 and faces.images.shape == (24, 3, 40, 40)
+    assert all(torch.equal(faces.images[i], ref[i][0]) for i in range(len(ref)))
+
+
+def test_augment_keeps_shape_dtype_and_range():
+    torch.manual_seed(0)
+    x = fer.normalize(torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), "cpu")
+    y = fer.augment(x, crop_scale=0.5, rotation=10, erasing=1.0)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert y.min() >= -1 and y.max() <= 1
+    assert not torch.equal(x, y)
+    # with no crop, rotation or erasing the warp is the identity or the mirror image
+    z = fer.augment(x, crop_scale=1.0, rotation=0, erasing=0)
+    for a, b in zip(x, z):  # aspect-ratio jitter aside, scale 1 keeps the whole face
+        assert a.shape == b.shape
+
+
+def test_split_is_stratified_seeded_and_disjoint():
+    labels = torch.tensor([0] * 500 + [1] * 1500 + [2] * 1000)
+    train, val = fer.split_train_val(labels, 0.1, seed=0)
+    assert torch.bincount(labels[val]).tolist() == [50, 150, 100]
+    assert len(set(train.tolist()) & set(val.tolist())) == 0 and len(train) + len(val) == 3000
+    assert torch.equal(val, fer.split_train_val(labels, 0.1, seed=0)[1])
+    assert not torch.equal(val, fer.split_train_val(labels, 0.1, seed=1)[1])
+
+
+def test_train_never_reads_the_test_split(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data / "train", data / "train")  # no test/ at all
+    r = run_fer("train", "--data", data, *FAST, "--epochs", "1", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    r = run_fer("validate", "--checkpoint", tmp_path / "run" / "last.pt")
+    assert r.returncode == 0, r.stderr
+
+
+def test_bench_prints_figures(tiny_data):
+    r = run_fer("bench", *FAST, "--report-size", "32", "--steps", "2", "--data", tiny_data, "--workers", "0")
+    assert r.returncode == 0, r.stderr
+    assert len(re.findall(r"train +[\d.]+ img/s +infer +[\d.]+ img/s", r.stdout)) == 4
+    assert "threads" in r.stdout and "x training" in r.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "validate", "test", "predict", "bench", "export"])
+def test_help_states_defaults(command):
+    r = run_fer(command, "--help")
+    assert r.returncode == 0 and "default" in r.stdout
+
+
+def test_torchrun_two_processes_match_validate(tiny_data, tmp_path):
+    """DDP on CPU (gloo): rank 0 prints and writes the checkpoint, --resume works
+    under torchrun, and the validation metrics, computed over the whole split, equal
+    those of `validate` on the saved checkpoint."""
+    out = tmp_path / "ddp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                str(ROOT / "fer.py"), "train"]
+    r = subprocess.run([*torchrun, "--data", str(tiny_data), *FAST, "--epochs", "2", "--no-amp",
+                        "--out", str(out), "--dry-run"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 processes" in r.stdout and r.stdout.count("epoch   1/2") == 1  # only rank 0 prints
+    r = subprocess.run([*torchrun, "--resume", str(out / "last.pt")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "epoch   2/2" in r.stdout
+    ckpt = fer.load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] == 2 and not any(k.startswith("module.") for k in ckpt["state_dict"])
+    r = run_fer("validate", "--checkpoint", out / "last.pt", "--json", out / "val.json")
+    assert r.returncode == 0, r.stderr
+    val = json.loads((out / "val.json").read_text())
+    assert sum(val["per_class"][c]["support"] for c in val["classes"]) == 3
+    assert val["accuracy"] == pytest.approx(ckpt["val_metrics"]["accuracy"])
+    assert val["macro_f1"] == pytest.approx(ckpt["val_metrics"]["macro_f1"])

@@ -1,0 +1,211 @@
+"""Using a trained model: `predict`, test-time augmentation and `test --save-dir`'s pictures.
+
+One tiny checkpoint is trained per module (seconds); the CLI runs in subprocesses as a
+user runs it, TTA and the drawing functions are checked in-process.
+"""
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image, ImageFont
+
+import fer
+import nets
+from conftest import CLASSES, run_fer
+
+# The shared CPU also runs a long training: one thread each, or intra-op threads
+# spinning against it made a one-epoch run 30x slower.
+THREADS = ("--threads", "1")
+FER7 = ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    # --no-amp: bfloat16 autocast on CPU blew 4-image batches up to NaN weights, which
+    # is not what is tested here.
+    r = run_fer("train", "--data", tiny_data, "--model", "resnet34", "--image-size", "32", "--batch-size", "4",
+                "--epochs", "1", "--out", out, "--no-amp", *THREADS)
+    assert r.returncode == 0, r.stderr
+    return out / "best.pt"
+
+
+def noise(mode, size, seed=0):
+    """A random image of `size` (width, height) in `mode`, made without numpy."""
+    g = torch.Generator().manual_seed(seed)
+    w, h = size
+    rgb = Image.frombytes("RGB", size, bytes(torch.randint(0, 256, (h * w * 3,), generator=g).tolist()))
+    if mode == "RGBA":  # alpha from transparent to opaque, left to right
+        rgb.putalpha(Image.linear_gradient("L").rotate(90).resize(size))
+        return rgb
+    if mode == "P":  # a palette with one transparent entry, as GIFs and PNG-8s have
+        img = rgb.convert("P")
+        img.info["transparency"] = 0
+        return img
+    return rgb.convert(mode)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Files to name one by one (each mode, a non-square and a large one) and a folder."""
+    root = tmp_path_factory.mktemp("images")
+    files = {"gray.png": noise("L", (48, 48)), "rgb.jpg": noise("RGB", (48, 48)),
+             "rgba.png": noise("RGBA", (48, 48)), "palette.png": noise("P", (48, 48)),
+             "wide.png": noise("RGB", (120, 40)), "large.jpg": noise("RGB", (1600, 1200))}
+    for name, img in files.items():
+        img.save(root / name)
+    folder = root / "folder"
+    (folder / "sub").mkdir(parents=True)
+    noise("LA", (64, 48)).save(folder / "la.png")
+    noise("1", (40, 60)).save(folder / "sub" / "bw.bmp")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "._face.jpg").write_bytes(b"macOS metadata, not a JPEG")  # hidden: skipped
+    return [root / name for name in files], folder, [folder / "la.png", folder / "sub" / "bw.bmp"]
+
+
+def test_predict_table_and_json(checkpoint, images, tmp_path):
+    files, folder, in_folder = images
+    out = tmp_path / "predictions.json"
+    # in_folder[1] is also named on its own: one row all the same
+    r = run_fer("predict", "--checkpoint", checkpoint, *files, folder, in_folder[1],
+                "--json", out, "--top", "2", *THREADS)
+    assert r.returncode == 0, r.stderr
+    header, *rows = r.stdout.splitlines()
+    expected = [str(f) for f in files + in_folder]
+    assert header.split() == ["file", "predicted", *CLASSES]
+    assert [row.split()[0] for row in rows] == expected
+    assert len({len(line) for line in [header, *rows]}) == 1  # aligned columns
+    for row in rows:
+        _, predicted, *probs = row.split()
+        assert predicted in CLASSES and sum(map(float, probs)) == pytest.approx(1, abs=2e-3)
+
+    result = json.loads(out.read_text())
+    assert result["classes"] == list(CLASSES) and result["tta"] == "none"
+    assert [p["file"] for p in result["predictions"]] == expected
+    for p, row in zip(result["predictions"], rows):
+        probs = p["probabilities"]
+        assert list(probs) == list(CLASSES)
+        assert sum(probs.values()) == pytest.approx(1, abs=1e-3)
+        assert len(p["top"]) == 2
+        assert p["top"][0]["probability"] >= p["top"][1]["probability"]
+        assert all(probs[t["label"]] == t["probability"] for t in p["top"])
+        assert p["prediction"] == p["top"][0]["label"] == max(probs, key=probs.get) == row.split()[1]
+
+
+def test_predict_tencrop_and_top_above_classes(checkpoint, images, tmp_path):
+    out = tmp_path / "p.json"
+    r = run_fer("predict", "--checkpoint", checkpoint, images[0][0], "--tta", "tencrop", "--top", "10",
+                "--json", out, *THREADS)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert result["tta"] == "tencrop"
+    assert [len(p["top"]) for p in result["predictions"]] == [len(CLASSES)]
+
+
+def test_find_images(tmp_path, images):
+    _, folder, in_folder = images
+    assert fer.find_images([folder, in_folder[0]]) == in_folder
+    (tmp_path / "empty").mkdir()
+    for path, message in ((tmp_path / "empty", "has no images"), (tmp_path / "missing.jpg", "does not exist")):
+        with pytest.raises(fer.FerError, match=message):
+            fer.find_images([path])
+
+
+def test_tta_views_shapes():
+    x = torch.rand(2, 3, 32, 24)
+    for mode, count in (("none", 1), ("flip", 2), ("tencrop", 10)):
+        views = fer.tta_views(x, mode)
+        assert len(views) == count and all(v.shape == x.shape for v in views)
+    assert torch.equal(fer.tta_views(x, "flip")[1], x.flip(-1))
+    crops = fer.tta_views(x, "tencrop")
+    assert all(torch.equal(crops[k + 5], crops[k].flip(-1)) for k in range(5))
+    with pytest.raises(fer.FerError, match="tencrop"):
+        fer.tta_views(x, "tencorp")
+
+
+def test_flip_on_a_symmetric_image_equals_none():
+    torch.manual_seed(0)
+    model = nets.MODELS["resnet34"](num_classes=3).eval()
+    rt = fer.Runtime(torch.device("cpu"))  # float32: the comparison is exact
+    g = torch.Generator().manual_seed(0)
+    probs = lambda images, tta: fer.predict_probs(model, images, rt, 3, tta)  # noqa: E731
+    h = torch.randint(0, 256, (4, 3, 32, 16), generator=g, dtype=torch.uint8)
+    x = torch.cat([h, h.flip(-1)], -1)  # mirror-symmetric: its flip view is itself
+    assert torch.equal(probs(x, "flip"), probs(x, "none"))
+    # Not because the network is mirror-symmetric (it is not): on an asymmetric image
+    # flip differs from none, and is the mean of the image's and its mirror's softmax.
+    a = torch.randint(0, 256, (4, 3, 32, 32), generator=g, dtype=torch.uint8)
+    assert not torch.allclose(probs(a, "none"), probs(a.flip(-1), "none"), atol=1e-4)
+    torch.testing.assert_close(probs(a, "flip"), (probs(a, "none") + probs(a.flip(-1), "none")) / 2)
+
+
+# The sizes draw_confusion_matrix and draw_mistakes promise, from their defaults.
+def confusion_matrix_size(classes, cell=80, font_size=16):
+    pad, line = 12, round(1.5 * font_size)
+    name = math.ceil(0.6 * font_size * max(4, *map(len, classes)))
+    cell = max(cell, name + 8)
+    note = math.ceil(0.6 * round(0.8 * font_size) * len("colour and %: share of the true class (row)"))
+    return max(pad + name + pad + len(classes) * cell, pad + note) + pad, pad + 3 * line + len(classes) * cell + pad
+
+
+def mistakes_size(shown, tile=128, font_size=14):
+    gap, line = 8, round(1.3 * font_size)
+    cols = min(8, max(4, shown))
+    rows = max(1, math.ceil(shown / cols))
+    return gap + cols * (tile + gap), gap + line + gap + rows * (tile + 2 * line + gap)
+
+
+def test_test_save_dir_writes_metrics_and_pictures(checkpoint, tiny_data, tmp_path):
+    r = run_fer("test", "--checkpoint", checkpoint, "--data", tiny_data, "--save-dir", tmp_path / "out",
+                "--tta", "flip", "--mistakes", "5", *THREADS)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["classes"] == list(CLASSES) and m["tta"] == "flip"
+    cm = torch.tensor(m["confusion_matrix"])
+    assert cm.sum() == 12  # tiny_data: 4 test images a class
+    with Image.open(tmp_path / "out" / "confusion_matrix.png") as img:
+        assert img.size == confusion_matrix_size(CLASSES)
+    with Image.open(tmp_path / "out" / "mistakes.png") as img:
+        assert img.size == mistakes_size(min(5, int(cm.sum() - cm.trace())))
+
+
+def test_confusion_matrix_column_names_fit():
+    cm = torch.arange(49).view(7, 7)
+    assert fer.draw_confusion_matrix(cm, FER7).size == confusion_matrix_size(FER7)
+    cell = max(80, math.ceil(0.6 * 16 * max(map(len, FER7))) + 8)
+    font = ImageFont.load_default(size=16)  # the font the names are drawn in
+    assert all(font.getlength(name) <= cell - 8 for name in FER7)  # a gap between neighbours
+
+
+def test_mistakes_most_confident_first():
+    # Six images, each a flat grey that identifies it; 0 and 3 are right.
+    greys = [10, 50, 90, 130, 170, 210]
+    images = torch.tensor(greys, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 1, 32, 32)
+    faces = fer.Faces(images, torch.tensor([0, 0, 1, 1, 2, 2]), list(CLASSES), [""] * 6)
+    conf = torch.tensor([0.9, 0.6, 0.5, 0.9, 0.95, 0.7])
+    pred = torch.tensor([0, 1, 0, 1, 0, 0])
+    probs = torch.full((6, 3), 0.0).scatter(1, pred[:, None], conf[:, None])
+    probs += (1 - conf[:, None]) / 2 * (probs == 0)  # the rest shared by the other two
+    img = fer.draw_mistakes(faces, probs, limit=3)
+    assert img.size == mistakes_size(3)
+    # tile k's centre: gap + k (tile + gap) + tile / 2 across, header + gap + tile / 2 down
+    centres = [img.getpixel((8 + k * 136 + 64, 8 + 18 + 8 + 64)) for k in range(3)]
+    assert centres == [(g, g, g) for g in (170, 210, 50)]  # confidences 0.95, 0.7, 0.6; 0.5 left out
+
+
+def test_predict_refuses_another_normalisation(checkpoint, images, tmp_path, capsys):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["mean"] = 0.45
+    torch.save(ckpt, tmp_path / "other.pt")
+    with pytest.raises(SystemExit) as e:
+        fer.main(["predict", "--checkpoint", str(tmp_path / "other.pt"), str(images[0][0]), *THREADS])
+    assert e.value.code == 2 and "normalises with 0.5" in capsys.readouterr().err
