@@ -472,13 +472,17 @@ def diverged(what, epoch, step, steps, optimizer):
 
 @torch.no_grad()
 def predict_probs(model, images, rt, batch_size, tta="none"):
-    """Softmax probabilities N x C, averaged over the test-time views."""
+    """Softmax probabilities N x C, averaged over the test-time views.
+
+    On a CPU this runs in float32 even when training used bfloat16: evaluation is
+    cheap next to training, and float32 gives the same metrics on every CPU.
+    """
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
         x = normalize(images[i:i + batch_size], rt.device)
         views = tta_views(x, tta)
-        with rt.autocast():
+        with rt.autocast() if rt.device.type != "cpu" else nullcontext():
             p = sum(F.softmax(model(rt.prepare(v)).float(), 1) for v in views) / len(views)
         out.append(p.cpu())
     return torch.cat(out) if out else torch.empty(0, 0)
@@ -1050,6 +1054,7 @@ def build_parser():
         q.add_argument("--workers", type=number(int, 0), default=2,
                        help="DataLoader processes for --pipeline pil (default: %(default)s)")
 
+    D = TRAIN_DEFAULTS
     t = sub.add_parser("train", help="train a network; keeps the best (validation Macro-F1) and last epoch", **fmt)
     t.add_argument("--data", help="folder with train/<class>/ images (default: the resumed run's)")
     t.add_argument("--model", choices=sorted(MODELS), help="network (default: resnet34)")
@@ -1062,21 +1067,21 @@ def build_parser():
     t.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
                    help="SGD with Nesterov momentum 0.9, Adam or AdamW (default: per network)")
     t.add_argument("--schedule", choices=["onecycle", "cosine", "constant"],
-                   help="learning-rate schedule, stepped per batch (default: onecycle)")
-    t.add_argument("--weight-decay", type=number(float, 0), help="(default: 5e-4)")
-    t.add_argument("--label-smoothing", type=number(float, 0, 1, high_open=True), help="(default: 0.1)")
+                   help=f"learning-rate schedule, stepped per batch (default: {D['schedule']})")
+    t.add_argument("--weight-decay", type=number(float, 0), help=f"(default: {D['weight_decay']})")
+    t.add_argument("--label-smoothing", type=number(float, 0, 1, high_open=True), help=f"(default: {D['label_smoothing']})")
     t.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=None,
                    help="weight the loss by inverse class frequency (default: off)")
     t.add_argument("--image-size", type=number(int, 1), help="side of the square network input; "
                    "images are resized to it once, when decoded (default: per network)")
-    t.add_argument("--in-channels", type=int, choices=[1, 3], help="1 for grayscale, 3 for RGB (default: 3)")
+    t.add_argument("--in-channels", type=int, choices=[1, 3], help=f"1 for grayscale, 3 for RGB (default: {D['in_channels']})")
     t.add_argument("--crop-scale", type=number(float, 0, 1, low_open=True),
-                   help="smallest area fraction of the random resized crop (default: 0.5; the report's is 0.08)")
-    t.add_argument("--rotation", type=number(float, 0, 180), help="largest random rotation in degrees (default: 10)")
-    t.add_argument("--erasing", type=number(float, 0, 1), help="probability of random erasing (default: 0.25)")
+                   help=f"smallest area fraction of the random resized crop (default: {D['crop_scale']}; the report's is 0.08)")
+    t.add_argument("--rotation", type=number(float, 0, 180), help=f"largest random rotation in degrees (default: {D['rotation']})")
+    t.add_argument("--erasing", type=number(float, 0, 1), help=f"probability of random erasing (default: {D['erasing']})")
     t.add_argument("--val-fraction", type=number(float, 0, 1, True, True),
-                   help="share of each class of train/ held out for validation (default: 0.1)")
-    t.add_argument("--seed", type=int, help="seed of the split, the initialisation and the batches (default: 0)")
+                   help=f"share of each class of train/ held out for validation (default: {D['val_fraction']})")
+    t.add_argument("--seed", type=int, help=f"seed of the split, the initialisation and the batches (default: {D['seed']})")
     t.add_argument("--pipeline", choices=["tensor", "pil"],
                    help="tensor: decoded once, augmented per batch; pil: the report's per-image "
                         "PIL transforms, for comparison (default: tensor)")
@@ -1159,7 +1164,7 @@ def main(argv=None):
         sys.exit(2)
     except KeyboardInterrupt:
         hint = ""
-        if args.command == "train" and args.out:
+        if args.command == "train" and args.out and (Path(args.out) / "last.pt").is_file():
             hint = f"; {args.out}/last.pt holds the last completed epoch: continue with " \
                    f"python fer.py train --resume {args.out}/last.pt"
         print(f"fer.py {args.command}: interrupted{hint}", file=sys.stderr)

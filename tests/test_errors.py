@@ -48,7 +48,7 @@ def assert_error(code, err, *needles, status=2):
 def snapshot(folder):
     """Every file under `folder`: size, mtime and SHA-256, to show nothing changed."""
     return {p.relative_to(folder): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in sorted(Path(folder).rglob("*")) if p.is_file() or p.is_symlink()}
+            for p in sorted(Path(folder).rglob("*")) if p.is_file() and not p.is_symlink()}
 
 
 def link_run(run, dest):
@@ -431,18 +431,19 @@ def test_9_out_not_a_folder_subprocess(tiny_data, tmp_path):
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
-def test_9_disk_full_keeps_the_previous_checkpoint_subprocess(run, tmp_path):
-    """A real ENOSPC: the temporary file fer.py writes before renaming is /dev/full."""
-    out = tmp_path / "model.pt"
-    os.link(run / "best.pt", out)  # a previous export
-    (tmp_path / ".model.pt.tmp").symlink_to("/dev/full")
-    before = snapshot(run)
-    r = run_fer("export", "--checkpoint", run / "last.pt", "--out", out)
-    assert_error(r.returncode, r.stderr, f"cannot write checkpoint {out}", "No space left on device",
+def test_9_disk_full_keeps_the_previous_checkpoint_subprocess(run, tiny_data, tmp_path):
+    """A real ENOSPC while training saves: the temporary file that fer.py writes
+    before renaming it over last.pt is a link to /dev/full."""
+    out = link_run(run, tmp_path / "out")  # the previous run's checkpoints
+    before = snapshot(out)
+    (out / ".last.pt.tmp").symlink_to("/dev/full")
+    r = run_fer("train", "--data", tiny_data, "--out", out, *FAST, "--epochs", "1", "--threads", "1")
+    assert_error(r.returncode, r.stderr, f"cannot write checkpoint {out / 'last.pt'}", "No space left on device",
                  "free disk space")
-    assert snapshot(run) == before and os.path.samefile(out, run / "best.pt")  # untouched
-    assert not (tmp_path / ".model.pt.tmp").exists() and not (tmp_path / ".model.pt.tmp").is_symlink()
-    fer.load_checkpoint(out)
+    assert "epoch   1/1" in r.stdout  # it failed while saving, not before
+    assert not (out / ".last.pt.tmp").is_symlink()  # the temporary file is cleaned up
+    assert snapshot(out) == before  # last.pt and best.pt untouched
+    assert fer.load_checkpoint(out / "last.pt")["epoch"] == EPOCHS
 
 
 def test_9_disk_full_in_save_checkpoint(ckpt, tmp_path, monkeypatch):
