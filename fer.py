@@ -13,11 +13,11 @@ nets.py holds the networks and metrics.py the confusion-matrix metrics.
 Run `python fer.py <command> --help` for every option and its default.
 """
 import argparse
+import itertools
 import json
 import math
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 import metrics
@@ -101,7 +101,9 @@ def scan_folder(root):
                        "each class (at least two) in a sub-folder named after it")
     files, labels, ignored = [], [], 0
     for label, name in enumerate(classes):
-        found = [p for p in sorted((root / name).rglob("*")) if p.is_file()]
+        # hidden entries (.ipynb_checkpoints/, macOS ._x.jpg) are not images of the class
+        found = [p for p in sorted((root / name).rglob("*")) if p.is_file()
+                 and not any(part.startswith(".") for part in p.relative_to(root / name).parts)]
         images = [p for p in found if p.suffix.lower() in IMG_EXTENSIONS]
         ignored += len(found) - len(images)
         if not images:
@@ -174,7 +176,7 @@ def split_train_val(labels, val_fraction, seed):
 
 def normalize(images, device):
     """uint8 images -> float in [-1, 1] on `device` (the report's normalisation)."""
-    x = images.to(device, non_blocking=True).float().div_(255)
+    x = images.to(device).float().div_(255)
     return x.sub_(MEAN).div_(STD)
 
 
@@ -183,7 +185,7 @@ def augment(x, crop_scale, rotation, erasing):
 
     The first three are one affine warp per image (affine_grid + grid_sample) so a
     whole batch is augmented in two calls on any device; erasing fills a random
-    box with 0, the dataset mean after normalisation (as RandomErasing does).
+    box with 0, mid-grey after normalisation (as RandomErasing's default does).
     """
     n, _, h, w = x.shape
     dev = x.device
@@ -213,10 +215,10 @@ def augment(x, crop_scale, rotation, erasing):
     return x
 
 
-def report_transform(size):
+def report_transform(size, in_channels):
     """The report's per-image PIL training pipeline, kept for `--pipeline pil` and `bench`."""
     return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize((MEAN,) * 3, (STD,) * 3)])
+                      T.Normalize((MEAN,) * in_channels, (STD,) * in_channels)])
 
 
 class FileDataset(torch.utils.data.Dataset):
@@ -286,11 +288,11 @@ def pick_device(name):
     return name
 
 
-def setup_runtime(args):
-    """Device, precision and (under torchrun) the process group."""
+def setup_runtime(args, distributed=False):
+    """Device, precision and, for `train` under torchrun, the process group."""
     kind = pick_device(args.device)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1)) if distributed else 1
+    rank = int(os.environ.get("RANK", 0)) if distributed else 0
     if kind == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -308,7 +310,8 @@ def setup_runtime(args):
     amp_dtype = None
     if amp:
         if kind == "cuda":
-            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # emulated bf16 (V100, T4) is slow: those get float16 with the grad scaler
+            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         elif kind == "cpu" and cpu_has_bf16():
             amp_dtype = torch.bfloat16
         elif kind == "mps":
@@ -325,6 +328,12 @@ def cpu_has_bf16():
         return "avx512_bf16" in flags or "amx_bf16" in flags
     except OSError:
         return False
+
+
+def describe_device(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return describe_cpu() if device.type == "cpu" else str(device)
 
 
 def describe_cpu():
@@ -413,6 +422,10 @@ def load_checkpoint(path):
 
 
 def model_from_checkpoint(ckpt, rt, source="the checkpoint"):
+    # normalize() applies this file's MEAN and STD: refuse a checkpoint trained with others.
+    if (ckpt.get("mean", MEAN), ckpt.get("std", STD)) != (MEAN, STD):
+        raise FerError(f"{source} was trained with mean {ckpt['mean']} and std {ckpt['std']}, "
+                       f"this fer.py normalises with {MEAN} and {STD}; use the fer.py that trained it")
     model = build_model(ckpt["arch"], len(ckpt["classes"]), ckpt["in_channels"], ckpt["image_size"], rt)
     # A float16 export loads into the float32 model: load_state_dict casts on copy.
     load_weights(model, ckpt["state_dict"], ckpt["arch"], source)
@@ -523,14 +536,15 @@ def tensor_batches(faces, idx, batch_size, args, rt, perm_seed):
 def pil_batches(faces, idx, batch_size, args, rt, perm_seed):
     """The report's pipeline: every image re-read and transformed by PIL, per epoch."""
     files = [faces.files[i] for i in idx]
-    data = FileDataset(files, faces.labels[idx].tolist(), report_transform(args.image_size), args.in_channels)
+    data = FileDataset(files, faces.labels[idx].tolist(), report_transform(args.image_size, args.in_channels), args.in_channels)
     if rt.world > 1:
-        sampler = torch.utils.data.distributed.DistributedSampler(data, seed=perm_seed)
+        sampler = torch.utils.data.distributed.DistributedSampler(data, seed=perm_seed, drop_last=True)
     else:
         sampler = torch.utils.data.RandomSampler(data, generator=torch.Generator().manual_seed(perm_seed))
     loader = torch.utils.data.DataLoader(data, batch_size // rt.world, sampler=sampler, drop_last=True,
-                                         num_workers=args.workers, persistent_workers=False)
-    for x, y in loader:
+                                         num_workers=args.workers)
+    steps = max(len(idx) // batch_size, 1)  # as many as tensor_batches: the schedule counts on it
+    for x, y in itertools.islice(loader, steps):
         yield x.to(rt.device), y.to(rt.device)
 
 
@@ -582,6 +596,11 @@ def resolve_train_args(args):
         if missing:
             raise FerError(f"--resume {args.resume} has no training state ({', '.join(missing)}); "
                            "an export keeps weights only: resume from the run's last.pt, or train anew")
+        given = [k for k in TRAIN_OPTIONS if k != "model" and getattr(args, k) is not None]
+        if given:
+            raise FerError(f"--resume continues a run with the options it was started with; drop "
+                           f"{', '.join('--' + k.replace('_', '-') for k in given)} (or start a new run "
+                           "with other options)")
         for k in TRAIN_OPTIONS:
             setattr(args, k, ckpt["args"][k])
         for k in ("amp", "channels_last"):  # they change the numerics: keep them unless told
@@ -590,7 +609,7 @@ def resolve_train_args(args):
         args.data = args.data or ckpt["args"]["data"]
         args.out = args.out or ckpt["args"]["out"]
     args.model = args.model or "resnet34"
-    for k, v in RECIPES[args.model].items():
+    for k, v in {**TRAIN_DEFAULTS, **RECIPES[args.model]}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.out = args.out or str(Path("runs") / args.model)
@@ -602,7 +621,7 @@ def resolve_train_args(args):
 def cmd_train(args):
     ckpt = resolve_train_args(args)
     check_image_size(args.model, args.image_size)
-    rt = setup_runtime(args)
+    rt = setup_runtime(args, distributed=True)
     train_dir = Path(args.data) / "train"
     if not train_dir.is_dir():
         raise FerError(f"{train_dir} not found; --data DIR must hold DIR/train/<class>/ image folders")
@@ -618,19 +637,20 @@ def cmd_train(args):
     train_idx, val_idx = split_train_val(faces.labels, args.val_fraction, args.seed)
     log(f"{args.model}: {len(train_idx)} training and {len(val_idx)} validation images of "
         f"{len(faces.classes)} classes ({', '.join(faces.classes)}), decoded in {time.time() - t0:.1f} s "
-        f"on {rt.device} ({describe_cpu() if rt.device.type == 'cpu' else torch.cuda.get_device_name(rt.device)})"
+        f"on {rt.device} ({describe_device(rt.device)})"
         f"{', ' + str(rt.amp_dtype).replace('torch.', '') + ' autocast' if rt.amp_dtype else ''}"
         f"{', ' + str(rt.world) + ' processes' if rt.world > 1 else ''}")
 
     torch.manual_seed(args.seed)
     model = build_model(args.model, len(faces.classes), args.in_channels, args.image_size, rt)
     raw_model = model  # the unwrapped network: what checkpoints hold
-    if args.compile:
-        model = torch.compile(model)
     if rt.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
-    if args.batch_size < rt.world:
-        raise FerError(f"--batch-size {args.batch_size} is smaller than the {rt.world} processes")
+    if args.compile:  # after DDP, so compiled graphs keep DDP's bucketed all-reduce
+        model = torch.compile(model)
+    if args.batch_size % rt.world:
+        raise FerError(f"--batch-size {args.batch_size} does not split evenly over {rt.world} processes; "
+                       f"use a multiple of {rt.world}")
     steps = max(len(train_idx) // args.batch_size, 1)
     optimizer = make_optimizer(args, raw_model)
     scheduler = make_scheduler(args, optimizer, steps * args.epochs)
@@ -766,11 +786,12 @@ def cmd_test(args):
     log(f"{ckpt['arch']} (epoch {ckpt.get('epoch')}) on {test_dir}: {len(idx)} images, tta {args.tta}")
     log(metrics.format_report(m, faces.classes))
     log(metrics.format_confusion_matrix(cm, faces.classes))
-    write_json(args.json, results_dict(ckpt, faces.classes, m, cm, args.tta))
+    results = results_dict(ckpt, faces.classes, m, cm, args.tta)
+    write_json(args.json, results)
     if args.save_dir:
         save_dir = Path(args.save_dir)
         make_folder(save_dir, "--save-dir")
-        write_json(save_dir / "metrics.json", results_dict(ckpt, faces.classes, m, cm, args.tta))
+        write_json(save_dir / "metrics.json", results)
         picture = draw_confusion_matrix(cm, faces.classes)
         write_file(save_dir / "confusion_matrix.png", lambda f: picture.save(f, format="PNG"))
         picture = draw_mistakes(faces, probs, args.mistakes)
@@ -805,10 +826,6 @@ def cmd_predict(args):
     files = find_images(args.paths)  # a wrong path fails before the model loads
     ckpt, rt, model = evaluation_setup(args)
     classes = ckpt["classes"]
-    # normalize() applies this file's MEAN and STD: refuse a checkpoint trained with others.
-    if (ckpt.get("mean", MEAN), ckpt.get("std", STD)) != (MEAN, STD):
-        raise FerError(f"{args.checkpoint} was trained with mean {ckpt['mean']} and std {ckpt['std']}, "
-                       f"this fer.py normalises with {MEAN} and {STD}; use the fer.py that trained it")
     images = []
     for f in files:
         try:
@@ -835,6 +852,13 @@ def cmd_predict(args):
     return results
 
 
+def load_font(size):
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1: scalable
+    except TypeError:
+        return ImageFont.load_default()  # older Pillow: its small bitmap font
+
+
 def draw_confusion_matrix(cm, classes, cell=80, font_size=16):
     """Counts in cells coloured by the row-normalised rate (recall on the diagonal).
 
@@ -842,14 +866,6 @@ def draw_confusion_matrix(cm, classes, cell=80, font_size=16):
     on every machine: a name is given 0.6 font_size a character (more than lowercase
     needs) and cells are at least that wide, so column names never overlap.
     """
-    from PIL import ImageFont
-
-    def font(size):
-        try:
-            return ImageFont.load_default(size=size)  # Pillow >= 10.1: scalable
-        except TypeError:
-            return ImageFont.load_default()  # older Pillow: its small bitmap font
-
     n, pad, line = len(classes), 12, round(1.5 * font_size)
     name_w = math.ceil(0.6 * font_size * max(len("true"), *map(len, classes)))
     cell = max(cell, name_w + 8)  # column names never overlap
@@ -858,7 +874,7 @@ def draw_confusion_matrix(cm, classes, cell=80, font_size=16):
     width = max(left + n * cell, pad + math.ceil(0.6 * round(0.8 * font_size) * len(note))) + pad
     img = Image.new("RGB", (width, top + n * cell + line + pad), "white")
     d = ImageDraw.Draw(img)
-    text, big, small = font(font_size), font(round(1.25 * font_size)), font(round(0.8 * font_size))
+    text, big, small = load_font(font_size), load_font(round(1.25 * font_size)), load_font(round(0.8 * font_size))
 
     def centred(x, y, s, f, fill="black"):
         d.text((x - d.textlength(s, font=f) / 2, y), s, font=f, fill=fill)
@@ -889,12 +905,7 @@ def draw_mistakes(faces, probs, limit, tile=128, font_size=14):
     wide; a header line, then rows of tile + 2 caption lines + gap, lines being
     1.3 font_size high.
     """
-    from PIL import ImageFont
-
-    try:
-        font = ImageFont.load_default(size=font_size)  # Pillow >= 10.1: scalable
-    except TypeError:
-        font = ImageFont.load_default()  # older Pillow: its small bitmap font
+    font = load_font(font_size)
     conf, pred = probs.max(1)
     wrong = (pred != faces.labels).nonzero().flatten()
     shown = wrong[conf[wrong].argsort(descending=True)][:limit]
@@ -965,7 +976,9 @@ def bench_infer(model, faces, rt, batch_size):
 def peak_memory_mb(rt):
     if rt.device.type == "cuda":
         return torch.cuda.max_memory_allocated(rt.device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    import resource  # not on Windows
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def cmd_bench(args):
@@ -981,7 +994,7 @@ def cmd_bench(args):
         plain = Runtime(ours.device)  # float32, default memory layout
         log(f"bench {args.model}, batch {batch}, {args.steps} timed steps after one warm-up "
             f"(precision and layout are training's; inference on a CPU runs in float32), on "
-            f"{describe_cpu() if ours.device.type == 'cpu' else torch.cuda.get_device_name(ours.device)}")
+            f"{describe_device(ours.device)}")
         rows = []
         for label, rt, pipeline, s in (("report: PIL per image", plain, "pil", args.report_size),
                                        ("ours: in-memory tensors", ours, "tensor", args.report_size),
@@ -1068,7 +1081,7 @@ def build_parser():
     t.add_argument("--model", choices=sorted(MODELS), help="network (default: resnet34)")
     t.add_argument("--out", help="folder for best.pt and last.pt (default: runs/<model>)")
     t.add_argument("--resume", metavar="CKPT", help="continue the run saved in CKPT (its last.pt) "
-                   "with the options it was started with")
+                   "with the options it was started with (default: a new run)")
     t.add_argument("--epochs", type=number(int, 1), help="epochs (default: per network, see README)")
     t.add_argument("--batch-size", type=number(int, 1), help="global batch size (default: per network)")
     t.add_argument("--lr", type=number(float, 0, low_open=True), help="peak learning rate (default: per network)")
@@ -1104,7 +1117,7 @@ def build_parser():
         q.add_argument("--checkpoint", required=True, help="a .pt file written by train or export")
         q.add_argument("--data", help=data_help + " (default: the --data the checkpoint was trained with)")
         q.add_argument("--batch-size", type=number(int, 1), default=128, help="(default: %(default)s)")
-        q.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+        q.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (default: print only)")
         runtime_options(q)
 
     v = sub.add_parser("validate", help="metrics on the run's validation split (rebuilt from the checkpoint)", **fmt)
@@ -1116,7 +1129,7 @@ def build_parser():
     s = sub.add_parser("test", help="full metrics on DIR/test/ (the only command that reads it)", **fmt)
     evaluation_options(s, "folder with test/<class>/")
     s.add_argument("--tta", **tta)
-    s.add_argument("--save-dir", metavar="DIR", help="write metrics.json, confusion_matrix.png and mistakes.png to DIR")
+    s.add_argument("--save-dir", metavar="DIR", help="write metrics.json, confusion_matrix.png and mistakes.png to DIR (default: none)")
     s.add_argument("--mistakes", type=number(int, 1), default=32,
                    help="how many mistakes mistakes.png shows (default: %(default)s)")
     s.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images (default: off)")
@@ -1130,7 +1143,7 @@ def build_parser():
                         "and the JSON's `probabilities` always give every class (default: %(default)s)")
     r.add_argument("--tta", **tta)
     r.add_argument("--batch-size", type=number(int, 1), default=128, help="(default: %(default)s)")
-    r.add_argument("--json", metavar="PATH", help="also write the predictions as JSON to PATH")
+    r.add_argument("--json", metavar="PATH", help="also write the predictions as JSON to PATH (default: print only)")
     runtime_options(r)
     r.set_defaults(func=cmd_predict, device="cpu")
 
@@ -1156,10 +1169,6 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command == "train" and not args.resume:
-        for k, v in TRAIN_DEFAULTS.items():
-            if getattr(args, k) is None:
-                setattr(args, k, v)
     try:
         return args.func(args)
     except FerError as e:

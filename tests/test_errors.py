@@ -336,10 +336,9 @@ def test_6_image_size_below_minimum_subprocess(tiny_data, tmp_path):
 def test_6_options_out_of_range(options, needle, tiny_data, tmp_path, fer_main):
     args = dict(zip(FAST[::2], FAST[1::2]))
     args.update(zip(options[::2], options[1::2]))
-    tic = time.time()
     code, _, err = fer_main("train", "--data", tiny_data, "--out", tmp_path / "out", *sum(args.items(), ()))
     assert_error(code, err, needle)
-    assert not (tmp_path / "out").exists() and time.time() - tic < 5
+    assert not (tmp_path / "out").exists()  # stopped before any work: not even --out was made
 
 
 @pytest.mark.parametrize("command", ["test", "validate", "predict"])
