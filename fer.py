@@ -1071,7 +1071,7 @@ def build_parser():
         q.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="NHWC memory layout (default: on for cpu and cuda)")
         q.add_argument("--threads", type=number(int, 1), default=None,
-                       help="CPU threads (default: all cores, split between torchrun processes)")
+                       help="CPU threads (default: $OMP_NUM_THREADS if set, as torchrun does, else all cores)")
         q.add_argument("--workers", type=number(int, 0), default=2,
                        help="DataLoader processes for --pipeline pil (default: %(default)s)")
 
