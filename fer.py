@@ -101,10 +101,10 @@ def scan_folder(root):
                        "each class (at least two) in a sub-folder named after it")
     files, labels, ignored = [], [], 0
     for label, name in enumerate(classes):
+        found = [p for p in sorted((root / name).rglob("*")) if p.is_file()]
         # hidden entries (.ipynb_checkpoints/, macOS ._x.jpg) are not images of the class
-        found = [p for p in sorted((root / name).rglob("*")) if p.is_file()
-                 and not any(part.startswith(".") for part in p.relative_to(root / name).parts)]
-        images = [p for p in found if p.suffix.lower() in IMG_EXTENSIONS]
+        images = [p for p in found if p.suffix.lower() in IMG_EXTENSIONS
+                  and not any(part.startswith(".") for part in p.relative_to(root / name).parts)]
         ignored += len(found) - len(images)
         if not images:
             raise FerError(f"class folder {root / name} has no images "
@@ -112,7 +112,7 @@ def scan_folder(root):
         files += images
         labels += [label] * len(images)
     if ignored:
-        log(f"note: ignored {ignored} non-image file(s) under {root}")
+        log(f"note: ignored {ignored} hidden or non-image file(s) under {root}")
     return classes, files, labels
 
 

@@ -187,7 +187,7 @@ def test_2_odd_extensions_load_and_other_files_are_ignored(tmp_path):
     r = run_fer("train", "--data", data, "--out", tmp_path / "out", *FAST, "--epochs", "1")
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
-    assert f"ignored 3 non-image file(s) under {data / 'train'}" in r.stdout
+    assert f"ignored 3 hidden or non-image file(s) under {data / 'train'}" in r.stdout
     assert "15 training and 3 validation images of 3 classes" in r.stdout  # 6 a class, all read
     assert fer.load_checkpoint(tmp_path / "out" / "last.pt")["classes"] == list(CLASSES)
 
