@@ -44,10 +44,10 @@ from nets import MODELS
 RECIPES = {
     "alexnet": dict(image_size=64, batch_size=64, optimizer="sgd", lr=0.01, epochs=20),
     "vgg11": dict(image_size=48, batch_size=64, optimizer="sgd", lr=0.01, epochs=15),
-    "resnet34": dict(image_size=64, batch_size=64, optimizer="sgd", lr=0.05, epochs=40),
+    "resnet34": dict(image_size=64, batch_size=64, optimizer="sgd", lr=0.05, epochs=60),
     "resnet50": dict(image_size=64, batch_size=64, optimizer="sgd", lr=0.05, epochs=40),
     "resnet101": dict(image_size=64, batch_size=64, optimizer="sgd", lr=0.05, epochs=40),
-    "googlenet": dict(image_size=64, batch_size=64, optimizer="sgd", lr=0.05, epochs=40),
+    "googlenet": dict(image_size=64, batch_size=64, optimizer="sgd", lr=0.05, epochs=80),
 }
 # Defaults of the `train` options that no recipe sets.
 TRAIN_DEFAULTS = dict(schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, balanced=False, in_channels=3,
