@@ -181,3 +181,15 @@ def test_report_pipeline_trains_on_grayscale(tiny_data, tmp_path):
                 "--workers", "0", "--no-amp", "--out", tmp_path)
     assert r.returncode == 0, r.stderr
     assert fer.load_checkpoint(tmp_path / "last.pt")["in_channels"] == 1
+
+
+FER5 = ROOT.parent / "shared" / "data" / "fer5"
+
+
+@pytest.mark.skipif(not (FER5 / "test").is_dir(), reason="needs ../shared/data/fer5")
+@pytest.mark.parametrize("net", ["resnet34", "googlenet"])
+def test_shipped_checkpoint_reproduces_its_metrics(net, tmp_path):
+    r = run_fer("test", "--checkpoint", ROOT / "checkpoints" / f"{net}.pt", "--data", FER5,
+                "--json", tmp_path / "m.json")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "m.json").read_text() == (ROOT / "checkpoints" / f"{net}.json").read_text()
