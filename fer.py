@@ -368,25 +368,9 @@ def check_image_size(arch, image_size):
 
 
 def save_checkpoint(state, path):
-    """Write atomically: a temporary file renamed over `path`, so an interrupt or a
-    full disk leaves the previous checkpoint intact."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        # Through a Python file, so a full disk raises OSError(ENOSPC), not a zip-writer
-        # RuntimeError; fsync before the rename, so the new file is complete on disk.
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
-        raise FerError(f"cannot write checkpoint {path} ({reason}); free disk space "
-                       "or choose another --out") from None
-    finally:
-        with suppress(OSError):  # e.g. its folder is gone or is a file: then there is no tmp
-            tmp.unlink(missing_ok=True)
+    """Atomically (see write_file), so an interrupt or a full disk leaves the
+    previous checkpoint intact."""
+    write_file(path, lambda f: torch.save(state, f), what="checkpoint ", option="--out")
 
 
 def load_checkpoint(path):
@@ -747,19 +731,24 @@ def write_json(path, obj):
         write_file(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-def write_file(path, write):
+def write_file(path, write, what="", option="path"):
     """`write(f)` into a temporary file renamed over `path`, so a full disk or an
-    interrupt leaves an earlier `path` intact."""
+    interrupt leaves an earlier `path` intact. Through a Python file, so a full disk
+    raises OSError(ENOSPC) rather than torch's zip-writer RuntimeError; fsync before
+    the rename, so the new file is complete on disk."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        raise FerError(f"cannot write {path} ({e.strerror or e}); free disk space or choose another path") from None
+    except (OSError, RuntimeError) as e:
+        reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+        raise FerError(f"cannot write {what}{path} ({reason}); free disk space or choose another {option}") from None
     finally:
-        with suppress(OSError):
+        with suppress(OSError):  # e.g. its folder is gone or is a file: then there is no tmp
             tmp.unlink(missing_ok=True)
 
 
