@@ -322,7 +322,8 @@ def test_6_image_size_below_minimum_subprocess(tiny_data, tmp_path):
 @pytest.mark.parametrize("options, needle", [
     (("--epochs", "0"), "--epochs: 0 is out of range (must be >= 1)"),
     (("--epochs", "two"), "--epochs: 'two' is not an integer"),
-    (("--lr", "-1"), "--lr: -1 is out of range (must be > 0)"),
+    (("--lr", "-1"), "--lr: -1 is out of range (must be > 0 and <= 3.40282e+38)"),
+    (("--lr", "1e39"), "--lr: 1e39 is out of range"),
     (("--lr", "0"), "--lr: 0 is out of range"),
     (("--lr", "nan"), "--lr: nan is out of range"),
     (("--batch-size", "0"), "--batch-size: 0 is out of range (must be >= 1)"),

@@ -127,7 +127,12 @@ def test_train_never_reads_the_test_split(tiny_data, tmp_path):
 def test_bench_prints_figures(tiny_data):
     r = run_fer("bench", *FAST, "--report-size", "32", "--steps", "2", "--data", tiny_data, "--workers", "0")
     assert r.returncode == 0, r.stderr
-    assert len(re.findall(r"train +[\d.]+ img/s +infer +[\d.]+ img/s", r.stdout)) == 4
+    rows = re.findall(r"(\d+)px +(\w+) +channels_last=(\w+) +train +[\d.]+ img/s +infer +[\d.]+ img/s", r.stdout)
+    # the report's and ours at 32 px, then every precision x layout pair at 32 px: 2 x 2, or 1 x 2
+    # where the CPU has no bfloat16 instructions
+    assert rows[:2] == [("32", "float32", "False"), ("32", rows[-1][1], rows[-1][2])]
+    assert len(rows) == 2 + len(set(rows[2:])) and len(rows) in (4, 6)
+    assert ("32", "float32", "False") in rows[2:] and ("32", "float32", "True") in rows[2:]
     assert "threads" in r.stdout and "x training" in r.stdout
 
 
