@@ -1158,7 +1158,8 @@ def build_parser():
     b.add_argument("--steps", type=number(int, 1), default=3, help="timed training steps per pipeline (default: %(default)s)")
     b.add_argument("--in-channels", type=int, choices=[1, 3], default=3, help="(default: %(default)s)")
     b.add_argument("--compile", action="store_true",
-                   help="add a row for ours with torch.compile; compiling adds about 40 s for ResNet34 on 2 cores (default: off)")
+                   help="add a row for ours with torch.compile; compiling adds about 40 s "
+                        "for ResNet34 on 2 cores (default: off)")
     runtime_options(b)
     b.set_defaults(func=cmd_bench)
 
