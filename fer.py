@@ -994,11 +994,11 @@ def cmd_bench(args):
                     for amp, cl in pairs]
         if args.compile:
             configs.append(("ours + torch.compile", ours, "tensor", size, True))
+        augmentation = {k: TRAIN_DEFAULTS[k] for k in ("crop_scale", "rotation", "erasing")}  # train's defaults
         rows = []
         for label, rt, pipeline, s, compiled in configs:
             faces = load_faces(root, s, args.in_channels, skip_bad=True, limit=n_images)
-            opts = argparse.Namespace(crop_scale=0.5, rotation=10, erasing=0.25, image_size=s,
-                                      in_channels=args.in_channels, workers=args.workers)
+            opts = argparse.Namespace(**augmentation, image_size=s, in_channels=args.in_channels, workers=args.workers)
             torch.manual_seed(0)
             model = build_model(args.model, len(faces.classes), args.in_channels, s, rt)
             if compiled:  # the warm-up step pays for compilation
