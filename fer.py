@@ -710,13 +710,13 @@ def cmd_validate(args):
     faces = load_faces(train_dir, ckpt["image_size"], ckpt["in_channels"], a["skip_bad_images"])
     check_classes(ckpt, faces.classes, train_dir)
     _, val_idx = split_train_val(faces.labels, a["val_fraction"], a["seed"])
-    cm, _ = evaluate(model, faces, val_idx, rt, args.batch_size)
+    cm, _ = evaluate(model, faces, val_idx, rt, args.batch_size, args.tta)
     m = metrics.classification_metrics(cm)
     log(f"validation split of {train_dir}: {len(val_idx)} images (seed {a['seed']}, "
-        f"fraction {a['val_fraction']}), {ckpt['arch']} epoch {ckpt.get('epoch')}")
+        f"fraction {a['val_fraction']}), {ckpt['arch']} epoch {ckpt.get('epoch')}, tta {args.tta}")
     log(metrics.format_report(m, faces.classes))
     log(metrics.format_confusion_matrix(cm, faces.classes))
-    write_json(args.json, results_dict(ckpt, faces.classes, m, cm, "none"))
+    write_json(args.json, results_dict(ckpt, faces.classes, m, cm, args.tta))
     return m
 
 
@@ -1010,7 +1010,8 @@ def cmd_bench(args):
             amp = str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "float32"
             rows.append(train_ips)
             log(f"{label:<24} {s:>4}px  {amp:>8}  channels_last={str(rt.channels_last):<5}  "
-                f"train {train_ips:7.1f} img/s  infer {infer_ips:7.1f} img/s  peak RSS {peak_memory_mb(rt):5.0f} MiB")
+                f"train {train_ips:7.1f} img/s  infer {infer_ips:7.1f} img/s  "
+                f"peak {'GPU memory' if rt.device.type == 'cuda' else 'RSS'} {peak_memory_mb(rt):5.0f} MiB")
             del model, faces
         default = rows[len(pairs) + 1]
         log(f"ours / report at {args.report_size}px: {rows[1] / rows[0]:.1f}x training; "
@@ -1122,12 +1123,14 @@ def build_parser():
         q.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (default: print only)")
         runtime_options(q)
 
-    v = sub.add_parser("validate", help="metrics on the run's validation split (rebuilt from the checkpoint)", **fmt)
-    evaluation_options(v, "folder with train/<class>/")
-    v.set_defaults(func=cmd_validate)
-
     tta = dict(choices=["none", "flip", "tencrop"], default="none",
                help="test-time augmentation: average softmax over the mirror image or ten crops (default: %(default)s)")
+    v = sub.add_parser("validate", help="metrics on the run's validation split (rebuilt from the checkpoint); "
+                       "choose --tta here, not on the test split", **fmt)
+    evaluation_options(v, "folder with train/<class>/")
+    v.add_argument("--tta", **tta)
+    v.set_defaults(func=cmd_validate)
+
     s = sub.add_parser("test", help="full metrics on DIR/test/ (the only command that reads it)", **fmt)
     evaluation_options(s, "folder with test/<class>/")
     s.add_argument("--tta", **tta)

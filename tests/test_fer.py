@@ -57,6 +57,21 @@ def test_validate_rebuilds_the_same_split(trained):
     assert_validate_matches_training(trained[0])
 
 
+def test_validate_tta_scores_the_views_of_the_validation_split(trained, monkeypatch):
+    """`validate --tta flip` scores every validation image with its mirror, so
+    the TTA mode can be chosen on validation instead of on the test split."""
+    out = trained[0]
+    modes = []
+    views = fer.tta_views
+    monkeypatch.setattr(fer, "tta_views", lambda x, mode: modes.append(mode) or views(x, mode))
+    m = fer.main(["validate", "--checkpoint", str(out / "last.pt"), "--tta", "flip", "--threads", "1",
+                  "--json", str(out / "val_flip.json")])
+    val = json.loads((out / "val_flip.json").read_text())
+    assert modes and set(modes) == {"flip"}
+    assert val["tta"] == "flip" and val["macro_f1"] == m["macro_f1"]
+    assert sum(val["per_class"][c]["support"] for c in val["classes"]) == 3
+
+
 def test_test_writes_the_json_report(trained, tiny_data):
     out, _ = trained
     r = run_fer("test", "--checkpoint", out / "best.pt", "--data", tiny_data, "--json", out / "test.json")
