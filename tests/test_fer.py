@@ -64,8 +64,12 @@ def test_validate_tta_scores_the_views_of_the_validation_split(trained, monkeypa
     modes = []
     views = fer.tta_views
     monkeypatch.setattr(fer, "tta_views", lambda x, mode: modes.append(mode) or views(x, mode))
-    m = fer.main(["validate", "--checkpoint", str(out / "last.pt"), "--tta", "flip", "--threads", "1",
-                  "--json", str(out / "val_flip.json")])
+    threads = torch.get_num_threads()
+    try:
+        m = fer.main(["validate", "--checkpoint", str(out / "last.pt"), "--tta", "flip", "--threads", "1",
+                      "--json", str(out / "val_flip.json")])
+    finally:
+        torch.set_num_threads(threads)  # --threads sets it for the whole pytest process
     val = json.loads((out / "val_flip.json").read_text())
     assert modes and set(modes) == {"flip"}
     assert val["tta"] == "flip" and val["macro_f1"] == m["macro_f1"]
