@@ -963,12 +963,13 @@ def bench_infer(model, faces, rt, batch_size):
     return n / (time.time() - tic)
 
 
-def peak_memory_mb(rt):
+def peak_memory(rt):
+    """What the peak memory column measures on this device, and its value in MiB."""
     if rt.device.type == "cuda":
-        return torch.cuda.max_memory_allocated(rt.device) / 2**20
+        return "GPU memory", torch.cuda.max_memory_allocated(rt.device) / 2**20
     import resource  # not on Windows
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    return "RSS", peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def cmd_bench(args):
@@ -1009,9 +1010,9 @@ def cmd_bench(args):
             infer_ips = bench_infer(model, faces, rt, batch)
             amp = str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "float32"
             rows.append(train_ips)
+            memory, mib = peak_memory(rt)
             log(f"{label:<24} {s:>4}px  {amp:>8}  channels_last={str(rt.channels_last):<5}  "
-                f"train {train_ips:7.1f} img/s  infer {infer_ips:7.1f} img/s  "
-                f"peak {'GPU memory' if rt.device.type == 'cuda' else 'RSS'} {peak_memory_mb(rt):5.0f} MiB")
+                f"train {train_ips:7.1f} img/s  infer {infer_ips:7.1f} img/s  peak {memory} {mib:5.0f} MiB")
             del model, faces
         default = rows[len(pairs) + 1]
         log(f"ours / report at {args.report_size}px: {rows[1] / rows[0]:.1f}x training; "
