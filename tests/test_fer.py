@@ -199,6 +199,16 @@ def test_hidden_files_in_class_folders_are_not_images(tiny_data, tmp_path):
     assert len(faces.files) == 24 and not any("/." in f for f in faces.files)
 
 
+def test_a_folder_of_links_picks_some_classes(tiny_data, tmp_path):
+    """The README's way to train on a subset of a data set's classes: class
+    folders that are symbolic links are read like real ones."""
+    for name in ("angry", "sad"):
+        (tmp_path / name).symlink_to(tiny_data / "train" / name, target_is_directory=True)
+    faces = fer.load_faces(tmp_path, 32, 1)
+    assert faces.classes == ["angry", "sad"] and faces.labels.tolist() == [0] * 8 + [1] * 8
+    assert torch.equal(faces.images, fer.load_faces(tiny_data / "train", 32, 1).images[[*range(8), *range(16, 24)]])
+
+
 def test_report_pipeline_trains_on_grayscale(tiny_data, tmp_path):
     """--pipeline pil: the report's per-image PIL transforms, here with one channel."""
     r = run_fer("train", "--data", tiny_data, *FAST, "--epochs", "1", "--pipeline", "pil", "--in-channels", "1",
