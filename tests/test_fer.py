@@ -1,5 +1,6 @@
 """End to end: fer.py train / validate / test / bench on a tiny ImageFolder, the
 in-memory data pipeline, and torchrun."""
+import argparse
 import json
 import re
 import shutil
@@ -90,9 +91,11 @@ def test_test_writes_the_json_report(trained, tiny_data):
     assert res["accuracy"] == pytest.approx(cm.diag().sum().item() / 12)
 
 
-def test_resume_continues_to_the_same_weights(tiny_data, tmp_path):
-    """A run stopped after epoch 1 and resumed ends exactly like an uninterrupted one."""
-    args = ("--data", tiny_data, *FAST, "--epochs", "2", "--no-amp")
+@pytest.mark.parametrize("schedule", ["onecycle", "plateau"])
+def test_resume_continues_to_the_same_weights(schedule, tiny_data, tmp_path):
+    """A run stopped after epoch 1 and resumed ends exactly like an uninterrupted
+    one, whether its schedule steps per batch or per epoch."""
+    args = ("--data", tiny_data, *FAST, "--epochs", "2", "--no-amp", "--schedule", schedule)
     assert run_fer("train", *args, "--out", tmp_path / "full").returncode == 0
     r = run_fer("train", *args, "--out", tmp_path / "cut", "--dry-run")
     assert r.returncode == 0 and fer.load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1
@@ -102,6 +105,20 @@ def test_resume_continues_to_the_same_weights(tiny_data, tmp_path):
     full = fer.load_checkpoint(tmp_path / "full" / "last.pt")
     cut = fer.load_checkpoint(tmp_path / "cut" / "last.pt")
     assert cut["epoch"] == 2 and state_dicts_equal(full["state_dict"], cut["state_dict"])
+    rates = [[h["lr"] for h in c["history"]] for c in (full, cut)]
+    assert rates[0] == rates[1] and len(rates[0]) == 2
+
+
+def test_plateau_halves_the_rate_after_six_epochs_without_a_new_best():
+    """--schedule plateau: a new best keeps the rate; the sixth epoch in a row
+    without one halves it, and the count starts again."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.05)
+    scheduler = fer.make_scheduler(argparse.Namespace(schedule="plateau", lr=0.05), optimizer, total_steps=100)
+    rates = []
+    for f1 in [0.3, 0.4] + [0.4] * 6 + [0.39] * 6:
+        scheduler.step(f1)
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates == [0.05] * 7 + [0.025] * 6 + [0.0125]
 
 
 def test_in_memory_faces_match_imagefolder(tiny_data):
