@@ -105,8 +105,31 @@ def test_resume_continues_to_the_same_weights(schedule, tiny_data, tmp_path):
     full = fer.load_checkpoint(tmp_path / "full" / "last.pt")
     cut = fer.load_checkpoint(tmp_path / "cut" / "last.pt")
     assert cut["epoch"] == 2 and state_dicts_equal(full["state_dict"], cut["state_dict"])
+    assert cut["scheduler"] == full["scheduler"]
+    # stepped per batch (21 training images in batches of 4: 5 steps an epoch) or once per epoch
+    assert full["scheduler"]["last_epoch"] == (2 if schedule == "plateau" else 10)
     rates = [[h["lr"] for h in c["history"]] for c in (full, cut)]
     assert rates[0] == rates[1] and len(rates[0]) == 2
+
+
+def test_plateau_steps_once_an_epoch_on_validation(tiny_data, tmp_path, monkeypatch):
+    """In a run, with no patience, every epoch that brings no new best validation
+    Macro-F1 halves the rate of the next one (the epoch lines log the rate)."""
+    monkeypatch.setattr(fer, "PLATEAU_PATIENCE", 0)
+    threads = torch.get_num_threads()
+    try:
+        fer.main(["train", "--data", str(tiny_data), *FAST, "--epochs", "5", "--schedule", "plateau",
+                  "--lr", "0.01", "--threads", "1", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)  # --threads sets it for the whole pytest process
+    best, rate = -1.0, 0.01
+    for h in fer.load_checkpoint(tmp_path / "last.pt")["history"]:
+        assert h["lr"] == pytest.approx(rate)
+        if h["val_macro_f1"] > best:
+            best = h["val_macro_f1"]
+        else:
+            rate /= 2
+    assert rate < 0.01  # some epoch brought no new best, so a halving was checked
 
 
 def test_plateau_halves_the_rate_after_six_epochs_without_a_new_best():
