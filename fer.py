@@ -1107,7 +1107,7 @@ def build_parser():
     t.add_argument("--batch-size", type=number(int, 1), help="global batch size (default: per network)")
     # Optimisers keep the rate in float32: a larger one overflows inside them, not in a clear error.
     t.add_argument("--lr", type=number(float, 0, torch.finfo(torch.float32).max, low_open=True),
-                   help="peak learning rate (default: per network)")
+                   help="peak learning rate, the starting one for plateau (default: per network)")
     t.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
                    help="SGD with Nesterov momentum 0.9, Adam or AdamW (default: per network)")
     t.add_argument("--schedule", choices=["onecycle", "cosine", "constant", "plateau"],
