@@ -681,7 +681,7 @@ def cmd_train(args):
                 dist.broadcast(b, 0)
         cm, _ = evaluate(raw_model, faces, val_idx, rt, args.batch_size * 2)
         m = metrics.classification_metrics(cm)
-        lr = optimizer.param_groups[0]["lr"]  # the rate in force at the end of the epoch
+        lr = optimizer.param_groups[0]["lr"]  # the rate of this epoch's last step (before a plateau halving)
         if isinstance(scheduler, PLATEAU):
             scheduler.step(m["macro_f1"])  # every process sees the same figure, so the rates stay equal
         improved = m["macro_f1"] > best
