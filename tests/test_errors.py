@@ -330,6 +330,8 @@ def test_6_image_size_below_minimum_subprocess(tiny_data, tmp_path):
     (("--val-fraction", "1.5"), "--val-fraction: 1.5 is out of range (must be > 0 and < 1)"),
     (("--val-fraction", "0"), "--val-fraction: 0 is out of range"),
     (("--image-size", "0"), "--image-size: 0 is out of range"),
+    (("--mixup", "0.001"), "--mixup: 0.001 is too small: use at least 0.01, or 0 for no mixup"),
+    (("--mixup", "1000"), "--mixup: 1000 is out of range (must be >= 0 and <= 100)"),
     (("--model", "googlenet", "--image-size", "16"), "--image-size 16 is below googlenet's minimum of 31"),
     (("--model", "vgg11", "--image-size", "31"), "--image-size 31 is below vgg11's minimum of 32"),
     (("--model", "resnet18"), "--model: invalid choice: 'resnet18'"),

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.datasets import ImageFolder
 
 import fer
@@ -91,14 +92,19 @@ def test_test_writes_the_json_report(trained, tiny_data):
     assert res["accuracy"] == pytest.approx(cm.diag().sum().item() / 12)
 
 
-@pytest.mark.parametrize("schedule", ["onecycle", "plateau"])
-def test_resume_continues_to_the_same_weights(schedule, tiny_data, tmp_path):
+@pytest.mark.parametrize("schedule, mixup", [("onecycle", "0"), ("plateau", "0"), ("onecycle", "0.4")])
+def test_resume_continues_to_the_same_weights(schedule, mixup, tiny_data, tmp_path):
     """A run stopped after epoch 1 and resumed ends exactly like an uninterrupted
-    one, whether its schedule steps per batch or per epoch."""
-    args = ("--data", tiny_data, *FAST, "--epochs", "2", "--no-amp", "--schedule", schedule)
+    one, whether its schedule steps per batch or per epoch, and with mixup's
+    random blends."""
+    args = ("--data", tiny_data, *FAST, "--epochs", "2", "--no-amp", "--schedule", schedule, "--mixup", mixup)
     assert run_fer("train", *args, "--out", tmp_path / "full").returncode == 0
     r = run_fer("train", *args, "--out", tmp_path / "cut", "--dry-run")
     assert r.returncode == 0 and fer.load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1
+    if mixup == "0":  # a run saved before --mixup existed resumes as one without it
+        ckpt = fer.load_checkpoint(tmp_path / "cut" / "last.pt")
+        del ckpt["args"]["mixup"]
+        torch.save(ckpt, tmp_path / "cut" / "last.pt")
     r = run_fer("train", "--resume", tmp_path / "cut" / "last.pt")
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stdout and "epoch   2/2" in r.stdout
@@ -142,6 +148,57 @@ def test_plateau_halves_the_rate_after_six_epochs_without_a_new_best():
         scheduler.step(f1)
         rates.append(optimizer.param_groups[0]["lr"])
     assert rates == [0.05] * 7 + [0.025] * 6 + [0.0125]
+
+
+def test_mixup_blends_each_image_with_the_one_whose_label_it_returns():
+    """Image i is filled with the value i and labelled i, so a blend must equal
+    lam * label + (1 - lam) * second label, pixel for pixel."""
+    torch.manual_seed(0)
+    y = torch.arange(8)
+    x = y.float().view(8, 1, 1, 1).expand(8, 3, 4, 4)
+    blended = 0
+    for _ in range(5):
+        mixed, y2, lam = fer.mixup(x, y, 0.4)
+        assert 0 <= lam <= 1 and mixed.shape == x.shape
+        assert sorted(y2.tolist()) == y.tolist()  # every image is some image's partner
+        expected = (lam * y + (1 - lam) * y2).view(8, 1, 1, 1).expand(8, 3, 4, 4)
+        assert torch.allclose(mixed, expected)
+        blended += 0 < lam < 1 and not torch.equal(y2, y)
+    assert blended  # not the identity: some draw mixed two different images
+
+
+def test_mixup_loss_is_the_blend_of_both_labels_losses(monkeypatch):
+    """One step with a fixed blend: the loss is the cross-entropy, with label
+    smoothing, of the blended images against the blended labels, computed by the
+    network before the step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    x, y, y2 = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0]), torch.tensor([1, 2, 0, 0])
+    monkeypatch.setattr(fer, "mixup", lambda x, y, alpha: (x.flip(0), y2, 0.3))
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    with torch.no_grad():
+        target = 0.3 * F.one_hot(y, 3).float() + 0.7 * F.one_hot(y2, 3).float()
+        expected = F.cross_entropy(model(x.flip(0)), target, label_smoothing=0.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss = fer.train_one_epoch(model, [(x, y)], 1, optimizer, scheduler, scaler, criterion,
+                               fer.Runtime(torch.device("cpu")), epoch=1, alpha=0.4)
+    assert loss == pytest.approx(expected.item())
+
+
+def test_train_mixes_every_batch(tiny_data, tmp_path, monkeypatch):
+    """--mixup ALPHA reaches every training step; 0 leaves the batches alone."""
+    calls = []
+    monkeypatch.setattr(fer, "mixup", lambda x, y, alpha: calls.append(alpha) or (x, y, 1.0))
+    threads = torch.get_num_threads()
+    try:
+        for alpha in ("0", "0.4"):
+            fer.main(["train", "--data", str(tiny_data), *FAST, "--epochs", "1", "--mixup", alpha,
+                      "--threads", "1", "--out", str(tmp_path / alpha)])
+    finally:
+        torch.set_num_threads(threads)  # --threads sets it for the whole pytest process
+    assert calls == [0.4] * 5  # 21 training images in batches of 4: 5 steps an epoch
 
 
 def test_in_memory_faces_match_imagefolder(tiny_data):
