@@ -10,6 +10,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import fer  # noqa: E402  (needs ROOT on sys.path)
+
 CLASSES = ("angry", "happy", "sad")
 
 
@@ -33,6 +35,24 @@ def tiny_data(tmp_path_factory):
     write_faces(root / "train", per_class=8, seed=0)
     write_faces(root / "test", per_class=4, seed=1)
     return root
+
+
+@pytest.fixture
+def fer_main(capsys):
+    """fer.main(ARGS) in this process: (exit status, stdout, stderr)."""
+    def call(*args):
+        capsys.readouterr()
+        threads = torch.get_num_threads()  # fer.main sets them for its run
+        try:
+            fer.main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        finally:
+            torch.set_num_threads(threads)
+        out, err = capsys.readouterr()
+        return code, out, err
+    return call
 
 
 # One thread per test process: the networks are tiny here, and several processes

@@ -66,24 +66,6 @@ def faces_with(root, classes=CLASSES, per_class=3, split="train", seed=0):
     return root
 
 
-@pytest.fixture
-def fer_main(capsys):
-    """fer.main(ARGS) in this process: (exit status, stdout, stderr)."""
-    def call(*args):
-        capsys.readouterr()
-        threads = torch.get_num_threads()  # fer.main sets them for its run
-        try:
-            fer.main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        finally:
-            torch.set_num_threads(threads)
-        out, err = capsys.readouterr()
-        return code, out, err
-    return call
-
-
 @pytest.fixture(scope="module")
 def run(tiny_data, tmp_path_factory):
     """One uninterrupted run, shared: its checkpoints feed the checkpoint cases, and

@@ -118,16 +118,13 @@ def test_resume_continues_to_the_same_weights(schedule, mixup, tiny_data, tmp_pa
     assert rates[0] == rates[1] and len(rates[0]) == 2
 
 
-def test_plateau_steps_once_an_epoch_on_validation(tiny_data, tmp_path, monkeypatch):
+def test_plateau_steps_once_an_epoch_on_validation(tiny_data, tmp_path, monkeypatch, fer_main):
     """In a run, with no patience, every epoch that brings no new best validation
     Macro-F1 halves the rate of the next one (the epoch lines log the rate)."""
     monkeypatch.setattr(fer, "PLATEAU_PATIENCE", 0)
-    threads = torch.get_num_threads()
-    try:
-        fer.main(["train", "--data", str(tiny_data), *FAST, "--epochs", "5", "--schedule", "plateau",
-                  "--lr", "0.01", "--threads", "1", "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)  # --threads sets it for the whole pytest process
+    code, _, err = fer_main("train", "--data", tiny_data, *FAST, "--epochs", "5", "--schedule", "plateau",
+                            "--lr", "0.01", "--threads", "1", "--out", tmp_path)
+    assert code == 0, err
     best, rate = -1.0, 0.01
     for h in fer.load_checkpoint(tmp_path / "last.pt")["history"]:
         assert h["lr"] == pytest.approx(rate)
@@ -187,17 +184,14 @@ def test_mixup_loss_is_the_blend_of_both_labels_losses(monkeypatch):
     assert loss == pytest.approx(expected.item())
 
 
-def test_train_mixes_every_batch(tiny_data, tmp_path, monkeypatch):
+def test_train_mixes_every_batch(tiny_data, tmp_path, monkeypatch, fer_main):
     """--mixup ALPHA reaches every training step; 0 leaves the batches alone."""
     calls = []
     monkeypatch.setattr(fer, "mixup", lambda x, y, alpha: calls.append(alpha) or (x, y, 1.0))
-    threads = torch.get_num_threads()
-    try:
-        for alpha in ("0", "0.4"):
-            fer.main(["train", "--data", str(tiny_data), *FAST, "--epochs", "1", "--mixup", alpha,
-                      "--threads", "1", "--out", str(tmp_path / alpha)])
-    finally:
-        torch.set_num_threads(threads)  # --threads sets it for the whole pytest process
+    for alpha in ("0", "0.4"):
+        code, _, err = fer_main("train", "--data", tiny_data, *FAST, "--epochs", "1", "--mixup", alpha,
+                                "--threads", "1", "--out", tmp_path / alpha)
+        assert code == 0, err
     assert calls == [0.4] * 5  # 21 training images in batches of 4: 5 steps an epoch
 
 
