@@ -13,15 +13,22 @@ nets.py holds the networks and metrics.py the confusion-matrix metrics.
 Run `python fer.py <command> --help` for every option and its default.
 """
 import argparse
+import csv
+import hashlib
+import io
 import itertools
 import json
 import math
 import os
 import platform
+import shutil
 import sys
+import tarfile
 import tempfile
 import time
 import warnings
+import zipfile
+import zlib
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -62,6 +69,8 @@ MIXUP_MIN_ALPHA = 0.01
 MEAN, STD = 0.5, 0.5
 # GoogLeNet's auxiliary losses are weighted 0.3, as in the paper (Szegedy et al. 2015).
 AUX_WEIGHT = 0.3
+# What `train` and `test` read when no --data is given: what `prepare` writes.
+DEFAULT_DATA = "data/fer5"
 # Checkpoint fields every command relies on.
 CHECKPOINT_KEYS = ("arch", "classes", "image_size", "in_channels", "state_dict", "args")
 
@@ -258,6 +267,203 @@ def tta_views(x, mode):
              x[..., top:top + ch, left:left + cw]]
     crops = [F.interpolate(c, size=(h, w), mode="bilinear", align_corners=False) for c in crops]
     return crops + [c.flip(-1) for c in crops]
+
+
+# ----------------------------------------------------------------------------
+# Data: any public form of FER2013 -> the folders above (`prepare`)
+
+# fer2013.csv's emotion codes 0-6, by name; the image-folder copy uses the same names.
+FER2013_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+# FER2013's three Usage values and the folder each goes to. PublicTest (the Kaggle
+# public leaderboard) goes to a folder that neither `train` nor `test` reads.
+USAGE_FOLDERS = {"Training": "train", "PrivateTest": "test", "PublicTest": "publictest"}
+CSV_NAMES = ("fer2013.csv", "icml_face_data.csv")  # Kaggle's and the ICML challenge's
+ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz")
+FACE_SIDE = 48
+# The fer5 split, face by face (file, SHA-256, fer2013.csv row): shipped beside fer.py.
+MANIFEST = Path(__file__).resolve().parent / "data" / "fer5_manifest.csv"
+
+
+def source_files(src):
+    """(name, read) of every file in a folder or archive: `name` is its path inside
+    SRC and `read()` returns its bytes."""
+    if src.is_dir():
+        return [(p.relative_to(src).as_posix(), p.read_bytes) for p in sorted(src.rglob("*")) if p.is_file()]
+    return archive_files(str(src), open(src, "rb"))
+
+
+# What a damaged or cut-off download raises, when opened or when a member is read.
+DAMAGED = (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error)
+
+
+def archive_files(name, opened, nested=True):
+    """(name, read) of every file in a .zip or a .tar(.gz), read in place; an archive
+    inside (Kaggle's zip holds fer2013.tar.gz) is opened in memory, never unpacked."""
+    def safely(read, member):
+        def call():
+            try:
+                return read()
+            except DAMAGED as e:
+                raise FerError(f"cannot read {member} from {name} ({e or type(e).__name__}); the download "
+                               "is damaged or incomplete: download it again") from None
+        return call
+
+    try:
+        if name.lower().endswith(".zip"):
+            z = zipfile.ZipFile(opened)
+            files = [(i.filename, safely(lambda i=i: z.read(i), i.filename)) for i in z.infolist() if not i.is_dir()]
+        else:
+            t = tarfile.open(fileobj=opened)  # any compression
+            files = [(m.name, safely(lambda m=m: t.extractfile(m).read(), m.name)) for m in t.getmembers() if m.isfile()]
+    except DAMAGED as e:
+        raise FerError(f"cannot read {name} ({e or type(e).__name__}); the download is damaged or "
+                       "incomplete: download it again") from None
+    inner = [(n, read) for n, read in files if n.lower().endswith(ARCHIVES)]
+    if nested and inner and not any(Path(n).name in CSV_NAMES or "/train/" in f"/{n}" for n, _ in files):
+        return [f for n, read in inner for f in archive_files(f"{name}:{n}", io.BytesIO(read()), nested=False)]
+    return files
+
+
+def fer2013_source(src):
+    """What SRC holds: ("csv", name, read) or ("images", files by (split, class, file))."""
+    if not src.exists():
+        raise FerError(f"{src} does not exist; give the downloaded fer2013.csv, icml_face_data.csv, "
+                       "the image-folder copy (train/<class>/, test/<class>/) or its .zip / .tar.gz")
+    if src.is_file() and src.suffix.lower() == ".csv":
+        return "csv", str(src), src.read_bytes
+    if src.is_file() and not src.name.lower().endswith(ARCHIVES):
+        raise FerError(f"{src} is neither a .csv nor a .zip / .tar.gz; give fer2013.csv, "
+                       "icml_face_data.csv, the image-folder copy or its download as it is")
+    files = source_files(src)
+    csvs = [(n, read) for n, read in files if Path(n).name in CSV_NAMES]
+    if csvs:
+        name, read = min(csvs, key=lambda f: CSV_NAMES.index(Path(f[0]).name))  # fer2013.csv first
+        return "csv", f"{src}:{name}", read
+    images = {}
+    for name, read in files:
+        *_, split, cls, file = ("", "", "") + tuple(name.split("/"))
+        if split in ("train", "test") and cls.lower() in FER2013_CLASSES and Path(file).suffix.lower() in IMG_EXTENSIONS:
+            images[split, cls.lower(), file] = (f"{src}:{name}" if src.is_file() else str(src / name), read)
+    if not {s for s, _, _ in images} >= {"train", "test"}:
+        raise FerError(f"{src} holds neither fer2013.csv / icml_face_data.csv nor the image-folder copy "
+                       f"(train/<class>/*.jpg and test/<class>/*.jpg, classes {', '.join(FER2013_CLASSES)})")
+    return "images", images
+
+
+def read_manifest(path):
+    """The manifest's rows: split, class, file, sha256, fer2013_row (and FER+ votes)."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise FerError(f"cannot read the fer5 manifest {path} ({e.strerror}); it ships with fer.py "
+                       "as data/fer5_manifest.csv: restore it (git checkout data/fer5_manifest.csv)") from None
+    need = {"split", "class", "file", "sha256", "fer2013_row"}
+    if not rows or not need <= set(rows[0]):
+        raise FerError(f"the fer5 manifest {path} lacks the columns {', '.join(sorted(need))}; "
+                       "restore it (git checkout data/fer5_manifest.csv)")
+    return rows
+
+
+def csv_faces(name, read):
+    """(row, folder, class, 48x48 pixels as bytes) of each data row of a FER2013 CSV,
+    checked as it is read: one bad row stops everything, with its number."""
+    text = io.TextIOWrapper(io.BytesIO(read()), encoding="utf-8", newline="")
+    reader = csv.reader(text)
+    header = [h.strip() for h in next(reader, [])]
+    if not header:
+        raise FerError(f"{name} is empty; download fer2013.csv (or icml_face_data.csv) again")
+    if not {"emotion", "pixels", "Usage"} <= set(header):
+        raise FerError(f"{name} has the columns {','.join(header)}, not emotion, pixels and Usage: "
+                       "give fer2013.csv or icml_face_data.csv (Kaggle's train.csv / test.csv lack Usage)")
+    e_col, p_col, u_col = (header.index(c) for c in ("emotion", "pixels", "Usage"))
+    fix = "the file is damaged or truncated: download it again"
+    for row, fields in enumerate(reader):
+        where = f"{name}, data row {row} (line {row + 2})"
+        if len(fields) != len(header):
+            raise FerError(f"{where} has {len(fields)} fields, not {len(header)}; {fix}")
+        emotion, usage = fields[e_col].strip(), fields[u_col].strip()
+        if emotion not in tuple("0123456"):
+            raise FerError(f"{where}: emotion {emotion!r} is not a code 0-6; {fix}")
+        if usage not in USAGE_FOLDERS:
+            raise FerError(f"{where}: Usage {usage!r} is none of {', '.join(USAGE_FOLDERS)}; {fix}")
+        try:
+            pixels = bytes(int(v) for v in fields[p_col].split())
+        except ValueError:
+            raise FerError(f"{where}: the pixels are not numbers 0-255; {fix}") from None
+        if len(pixels) != FACE_SIDE * FACE_SIDE:
+            raise FerError(f"{where} has {len(pixels)} pixels, not {FACE_SIDE}x{FACE_SIDE}; {fix}")
+        yield row, USAGE_FOLDERS[usage], FER2013_CLASSES[int(emotion)], pixels
+
+
+def write_face(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def png(pixels):
+    """A 48x48 grayscale face as PNG bytes: lossless, so the pixels are the CSV's."""
+    buf = io.BytesIO()
+    Image.frombytes("L", (FACE_SIDE, FACE_SIDE), pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def prepare_from_csv(name, read, manifest, tmp):
+    """fer2013/<folder>/<class>/row_NNNNN.png for every row; fer5's faces by their row,
+    named after the manifest's file. Returns the manifest faces left out, and why."""
+    wanted = {int(m["fer2013_row"]): m for m in manifest if m["fer2013_row"]}
+    rows = 0
+    for rows, (row, folder, cls, pixels) in enumerate(csv_faces(name, read), 1):
+        data = png(pixels)
+        write_face(tmp / "fer2013" / folder / cls / f"row_{row:05d}.png", data)
+        m = wanted.pop(row, None)
+        if m is not None:
+            if (cls, folder) != (m["class"], m["split"]):
+                raise FerError(f"{name}, data row {row} is {cls} ({folder}) but the manifest's fer5 face "
+                               f"{m['file']} is {m['class']} ({m['split']}): this is not the original "
+                               "FER2013 CSV; download fer2013.csv again")
+            write_face(tmp / "fer5" / m["split"] / m["class"] / f"{Path(m['file']).stem}.png", data)
+    if wanted:
+        row, m = min(wanted.items())
+        raise FerError(f"{name} has {rows} data rows, so fer5's face {m['file']} (row {row}) is missing; "
+                       "the file is truncated: download it again")
+    unknown = sum(not m["fer2013_row"] for m in manifest)
+    return {"fer5 faces whose fer2013.csv row is unknown (the manifest leaves it empty)": unknown} if unknown else {}
+
+
+def prepare_from_images(images, manifest, tmp):
+    """Every face copied byte for byte; fer5's checked against the manifest's SHA-256."""
+    wanted = {(m["split"], m["class"], m["file"]): m for m in manifest}
+    for (split, cls, file), (name, read) in images.items():
+        data = read()
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise FerError(f"cannot read image {name} ({e}); the download is damaged: download it again") from None
+        folder = "train" if split == "train" else USAGE_FOLDERS.get(file.split("_")[0])
+        if folder is None or (split == "test") != (folder != "train"):
+            raise FerError(f"{name}: cannot tell its FER2013 split (the image-folder copy names test faces "
+                           "PublicTest_* or PrivateTest_*, training faces Training_*); use that copy or the CSV")
+        write_face(tmp / "fer2013" / folder / cls / file, data)
+        m = wanted.pop((split, cls, file), None)
+        if m is not None:
+            if hashlib.sha256(data).hexdigest() != m["sha256"]:
+                raise FerError(f"{name} is fer5's face {m['file']} but its bytes differ from the manifest's "
+                               "(SHA-256); this is not the widely used copy: download it again, or use fer2013.csv")
+            write_face(tmp / "fer5" / m["split"] / cls / file, data)
+    if wanted:
+        (split, cls, file), _ = min(wanted.items())
+        raise FerError(f"fer5's face {split}/{cls}/{file} is not in the source ({len(wanted)} of the manifest's "
+                       f"{len(manifest)} missing); download the complete image-folder copy, or use fer2013.csv")
+    return {}
+
+
+def count_faces(root):
+    """{split: {class: number of files}} of a prepared folder, train first."""
+    order = list(USAGE_FOLDERS.values())
+    return {s.name: {c.name: sum(1 for _ in c.iterdir()) for c in sorted(s.iterdir())}
+            for s in sorted(root.iterdir(), key=lambda s: order.index(s.name))}
 
 
 # ----------------------------------------------------------------------------
@@ -595,6 +801,49 @@ def class_weights(labels, num_classes):
     return counts.sum() / (num_classes * counts)
 
 
+# ----------------------------------------------------------------------------
+# Commands: prepare, train, validate, test
+
+def cmd_prepare(args):
+    """FER2013 as downloaded -> OUT/fer5 (the report's split, face by face as the
+    manifest says) and OUT/fer2013 (all seven classes), written into a temporary
+    folder and moved into place only once complete."""
+    src, out = Path(args.src), Path(args.out)
+    manifest = read_manifest(args.manifest)
+    for d in ("fer5", "fer2013"):
+        if (out / d).exists():
+            raise FerError(f"{out / d} already exists; prepare writes new fer5/ and fer2013/ folders: "
+                           f"choose another --out, or delete {out / d} to prepare it again")
+    t0 = time.time()
+    source = fer2013_source(src)
+    make_folder(out, "--out")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
+    except OSError as e:
+        raise FerError(f"cannot write into --out folder {out} ({e.strerror}); choose another --out") from None
+    try:
+        if source[0] == "csv":
+            skipped = prepare_from_csv(source[1], source[2], manifest, tmp)
+        else:
+            skipped = prepare_from_images(source[1], manifest, tmp)
+        counts = {d: count_faces(tmp / d) for d in ("fer2013", "fer5")}
+        for d in counts:  # fer5 last: once it is there, both are complete
+            os.replace(tmp / d, out / d)
+    except OSError as e:
+        raise FerError(f"cannot write into {out} ({e.strerror}); free disk space or choose another --out") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"prepared {src} ({'CSV' if source[0] == 'csv' else 'image folders'}) in {time.time() - t0:.0f} s:")
+    for d in ("fer5", "fer2013"):
+        for split, per_class in counts[d].items():
+            log(f"  {str(out / d / split) + ':':<{len(str(out)) + 20}} {sum(per_class.values()):6,d} faces  "
+                + "  ".join(f"{c} {n:,d}" for c, n in per_class.items()))
+    if "publictest" in counts["fer2013"]:
+        log(f"  {out / 'fer2013' / 'publictest'} holds FER2013's PublicTest faces; no command reads it by default")
+    for why, n in skipped.items():
+        log(f"  left out: {n} {why}")
+
+
 TRAIN_OPTIONS = ("model", "epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay",
                  "label_smoothing", "balanced", "image_size", "in_channels", "crop_scale", "rotation",
                  "erasing", "mixup", "val_fraction", "seed", "pipeline", "skip_bad_images")
@@ -634,8 +883,7 @@ def resolve_train_args(args):
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.out = args.out or str(Path("runs") / args.model)
-    if args.data is None:
-        raise FerError("--data DIR is required (DIR/train/<class>/ images)")
+    args.data = args.data or DEFAULT_DATA
     return ckpt
 
 
@@ -643,9 +891,7 @@ def cmd_train(args):
     ckpt = resolve_train_args(args)
     check_image_size(args.model, args.image_size)
     rt = setup_runtime(args, distributed=True)
-    train_dir = Path(args.data) / "train"
-    if not train_dir.is_dir():
-        raise FerError(f"{train_dir} not found; --data DIR must hold DIR/train/<class>/ image folders")
+    train_dir = split_folder(args.data, "train")
     out = Path(args.out)
     make_folder(out, "--out")
     if not os.access(out, os.W_OK):
@@ -734,18 +980,21 @@ def evaluation_setup(args):
     return ckpt, rt, model_from_checkpoint(ckpt, rt, args.checkpoint)
 
 
-def data_root(args, ckpt):
-    data = args.data or ckpt["args"].get("data")
-    if not data:
-        raise FerError("--data DIR is required")
-    return Path(data)
+def split_folder(data, split):
+    """DATA/SPLIT, which must be a folder; the default DATA is written by `prepare`."""
+    folder = Path(data) / split
+    if not folder.is_dir():
+        hint = (f"; `python fer.py prepare FER2013-DOWNLOAD` writes {DEFAULT_DATA}, or give --data DIR"
+                if data == DEFAULT_DATA else "")
+        raise FerError(f"{folder} not found; --data DIR must hold DIR/{split}/<class>/ image folders{hint}")
+    return folder
 
 
 def cmd_validate(args):
     """Metrics on the validation split the run used, rebuilt from the checkpoint."""
     ckpt, rt, model = evaluation_setup(args)
     a = ckpt["args"]
-    train_dir = data_root(args, ckpt) / "train"
+    train_dir = split_folder(args.data or a["data"], "train")
     faces = load_faces(train_dir, ckpt["image_size"], ckpt["in_channels"], a["skip_bad_images"])
     check_classes(ckpt, faces.classes, train_dir)
     _, val_idx = split_train_val(faces.labels, a["val_fraction"], a["seed"])
@@ -804,9 +1053,7 @@ def make_folder(path, option):
 def cmd_test(args):
     """The full metrics report on DIR/test: the only command that reads it."""
     ckpt, rt, model = evaluation_setup(args)
-    test_dir = data_root(args, ckpt) / "test"
-    if not test_dir.is_dir():
-        raise FerError(f"{test_dir} not found; --data DIR must hold DIR/test/<class>/ image folders")
+    test_dir = split_folder(args.data, "test")
     faces = load_faces(test_dir, ckpt["image_size"], ckpt["in_channels"], args.skip_bad_images)
     check_classes(ckpt, faces.classes, test_dir)
     idx = torch.arange(len(faces.labels))
@@ -1124,9 +1371,18 @@ def build_parser():
         q.add_argument("--workers", type=number(int, 0), default=2,
                        help="DataLoader processes for --pipeline pil (default: %(default)s)")
 
+    q = sub.add_parser("prepare", help="FER2013 as downloaded -> OUT/fer5 (the report's split) and OUT/fer2013", **fmt)
+    q.add_argument("src", metavar="SRC", help="fer2013.csv, icml_face_data.csv, the image-folder copy "
+                   "(train/<class>/, test/<class>/) or the .zip / .tar.gz holding one of them")
+    q.add_argument("--out", default="data", help="folder to write fer5/ and fer2013/ into (default: %(default)s)")
+    q.add_argument("--manifest", default=MANIFEST,
+                   help="the fer5 split, face by face (default: data/fer5_manifest.csv beside fer.py)")
+    q.set_defaults(func=cmd_prepare)
+
     D = TRAIN_DEFAULTS
     t = sub.add_parser("train", help="train a network; keeps the best (validation Macro-F1) and last epoch", **fmt)
-    t.add_argument("--data", help="folder with train/<class>/ images (default: the resumed run's)")
+    t.add_argument("--data", help=f"folder with train/<class>/ images (default: {DEFAULT_DATA}, "
+                   "or the resumed run's)")
     t.add_argument("--model", choices=sorted(MODELS), help="network (default: resnet34)")
     t.add_argument("--out", help="folder for best.pt and last.pt (default: runs/<model>)")
     t.add_argument("--resume", metavar="CKPT", help="continue the run saved in CKPT (its last.pt) "
@@ -1170,9 +1426,9 @@ def build_parser():
     runtime_options(t)
     t.set_defaults(func=cmd_train)
 
-    def evaluation_options(q, data_help):
+    def evaluation_options(q, data_help, data_default):
         q.add_argument("--checkpoint", required=True, help="a .pt file written by train or export")
-        q.add_argument("--data", help=data_help + " (default: the --data the checkpoint was trained with)")
+        q.add_argument("--data", default=data_default, help=f"{data_help} (default: {data_default or 'the --data the checkpoint was trained with'})")
         q.add_argument("--batch-size", type=number(int, 1), default=128, help="(default: %(default)s)")
         q.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (default: print only)")
         runtime_options(q)
@@ -1181,12 +1437,12 @@ def build_parser():
                help="test-time augmentation: average softmax over the mirror image or ten crops (default: %(default)s)")
     v = sub.add_parser("validate", help="metrics on the run's validation split (rebuilt from the checkpoint); "
                        "choose --tta here, not on the test split", **fmt)
-    evaluation_options(v, "folder with train/<class>/")
+    evaluation_options(v, "folder with train/<class>/", None)
     v.add_argument("--tta", **tta)
     v.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("test", help="full metrics on DIR/test/ (the only command that reads it)", **fmt)
-    evaluation_options(s, "folder with test/<class>/")
+    evaluation_options(s, "folder with test/<class>/", DEFAULT_DATA)
     s.add_argument("--tta", **tta)
     s.add_argument("--save-dir", metavar="DIR", help="write metrics.json, confusion_matrix.png and mistakes.png to DIR (default: none)")
     s.add_argument("--mistakes", type=number(int, 1), default=32,
