@@ -71,6 +71,9 @@ MEAN, STD = 0.5, 0.5
 AUX_WEIGHT = 0.3
 # What `train` and `test` read when no --data is given: what `prepare` writes.
 DEFAULT_DATA = "data/fer5"
+# What `predict` uses without --checkpoint: the shipped five-class network with the
+# best validation Macro-F1 (checkpoints/README.md).
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "resnet34.pt"
 # Checkpoint fields every command relies on.
 CHECKPOINT_KEYS = ("arch", "classes", "image_size", "in_channels", "state_dict", "args")
 
@@ -1125,6 +1128,11 @@ def cmd_predict(args):
         log(f"{r['file']:<{name_w}}  {r['prediction']:<{pred_w}}  "
             + "  ".join(f"{r['probabilities'][c]:>{col_w}.3f}" for c in classes))
     write_json(args.json, dict(arch=ckpt["arch"], tta=args.tta, classes=classes, predictions=results))
+    if args.save_dir:
+        make_folder(args.save_dir, "--save-dir")
+        picture = draw_predictions(images, results, classes)
+        write_file(Path(args.save_dir) / "predictions.png", lambda f: picture.save(f, format="PNG"))
+        log(f"wrote {Path(args.save_dir) / 'predictions.png'}")
     return results
 
 
@@ -1201,6 +1209,33 @@ def draw_mistakes(faces, probs, limit, tile=128, font_size=14):
         d.text((x, y + tile + 2), f"true: {faces.classes[faces.labels[i]][:10]}", font=font, fill="black")
         d.text((x, y + tile + 2 + line), f"pred: {faces.classes[pred[i]][:10]} {float(conf[i]):.0%}",
                font=font, fill="firebrick")
+    return img
+
+
+def draw_predictions(images, results, classes, tile=112, font_size=13):
+    """One card per image: the face as the network saw it, its file name, and a bar
+    per class, the predicted one in red. The size follows from the arguments alone
+    (0.6 font_size a character for the class names), as in draw_confusion_matrix."""
+    font = load_font(font_size)
+    line, gap = round(1.4 * font_size), 10
+    name_w = math.ceil(0.6 * font_size * max(map(len, classes)))
+    card_w, card_h = tile + gap + name_w + 120, max(tile, line * (len(classes) + 1))
+    cols = min(len(results), 3)
+    rows = math.ceil(len(results) / cols)
+    img = Image.new("RGB", (gap + cols * (card_w + gap), gap + rows * (card_h + gap)), "white")
+    d = ImageDraw.Draw(img)
+    for k, (face, r) in enumerate(zip(images, results)):
+        x, y = gap + (k % cols) * (card_w + gap), gap + (k // cols) * (card_h + gap)
+        img.paste(T.functional.to_pil_image(face).convert("RGB").resize((tile, tile), Image.BICUBIC), (x, y))
+        d.rectangle((x - 1, y - 1, x + tile, y + tile), outline="darkgray")
+        bx = x + tile + gap
+        d.text((bx, y), Path(r["file"]).name[:24], font=font, fill="black")
+        for i, c in enumerate(classes):
+            p, by = r["probabilities"][c], y + (i + 1) * line
+            ink = "firebrick" if c == r["prediction"] else "steelblue"
+            d.text((bx, by), c, font=font, fill=ink if c == r["prediction"] else "black")
+            d.rectangle((bx + name_w + 4, by + 2, bx + name_w + 4 + round(80 * p), by + line - 4), fill=ink)
+            d.text((bx + name_w + 88, by), f"{p:.0%}", font=font, fill="dimgray")
     return img
 
 
@@ -1452,7 +1487,10 @@ def build_parser():
 
     r = sub.add_parser("predict", help="class probabilities of image files or folders", **fmt)
     r.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
-    r.add_argument("--checkpoint", required=True, help="a .pt file written by train or export")
+    r.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="a .pt file written by train or export "
+                   "(default: checkpoints/resnet34.pt beside fer.py, the shipped five-class model)")
+    r.add_argument("--save-dir", metavar="DIR", help="write DIR/predictions.png: each face, its predicted "
+                   "class and a bar of the class probabilities (default: none)")
     r.add_argument("--top", type=number(int, 1), default=3, metavar="K",
                    help="how many classes, most probable first, the JSON's `top` lists per image; the table "
                         "and the JSON's `probabilities` always give every class (default: %(default)s)")
