@@ -49,7 +49,7 @@ from nets import MODELS
 # with a OneCycle schedule; VGG11, the slowest per image, runs at the native 48x48
 # for 15 epochs to fit a CPU budget. The nets with BatchNorm take SGD + Nesterov
 # momentum; AlexNet and VGG11 (no BN) learn much faster with Adam (README, Method).
-RECIPES = {
+OURS = {
     "alexnet": dict(image_size=64, batch_size=64, optimizer="adam", lr=1e-4, epochs=20),
     "vgg11": dict(image_size=48, batch_size=64, optimizer="adam", lr=1e-4, epochs=15),
     "resnet34": dict(image_size=64, batch_size=64, optimizer="sgd", lr=0.05, epochs=60),
@@ -57,7 +57,20 @@ RECIPES = {
     "resnet101": dict(image_size=64, batch_size=64, optimizer="sgd", lr=0.05, epochs=40),
     "googlenet": dict(image_size=64, batch_size=64, optimizer="sgd", lr=0.05, epochs=80),
 }
-# Defaults of the `train` options that no recipe sets.
+# `--recipe report`: the report's own (REPORT_NOTES): Adam and plain cross-entropy at
+# a constant rate, 224x224, RandomResizedCrop(224) (area 0.08-1) and a flip, nothing
+# else. Its epochs are chosen on validation here, as ours are, never on the test set.
+REPORT_COMMON = dict(image_size=224, optimizer="adam", schedule="constant", weight_decay=0.0,
+                     label_smoothing=0.0, crop_scale=0.08, rotation=0.0, erasing=0.0)
+REPORT = {
+    "alexnet": dict(REPORT_COMMON, lr=2e-4, batch_size=32, epochs=100),
+    "vgg11": dict(REPORT_COMMON, lr=1e-4, batch_size=32, epochs=70),
+    "resnet34": dict(REPORT_COMMON, lr=1e-4, batch_size=16, epochs=80),
+    "googlenet": dict(REPORT_COMMON, lr=3e-4, batch_size=32, epochs=100),
+}
+REPORT["resnet50"] = REPORT["resnet101"] = REPORT["resnet34"]  # the report trained only ResNet34
+RECIPES = {"ours": OURS, "report": REPORT}
+# Defaults of the `train` options that a recipe does not set.
 TRAIN_DEFAULTS = dict(schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, balanced=False, in_channels=3,
                       crop_scale=0.5, rotation=10.0, erasing=0.25, mixup=0.0, val_fraction=0.1, seed=0,
                       pipeline="tensor", skip_bad_images=False)
@@ -586,6 +599,28 @@ def save_checkpoint(state, path):
     write_file(path, lambda f: torch.save(state, f), what="checkpoint ", option="--out")
 
 
+def weights_only(state):
+    """A checkpoint without the optimiser, scheduler and scaler state that only --resume
+    needs: what best.pt and `export` keep."""
+    return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "scaler")}
+
+
+HISTORY_COLUMNS = ("epoch", "loss", "val_accuracy", "val_macro_f1", "lr", "seconds")
+
+
+def save_run(out, state, improved):
+    """After an epoch: last.pt (all that --resume needs), best.pt when validation
+    improved (weights only), history.csv and curves.png of the epochs so far."""
+    save_checkpoint(state, out / "last.pt")
+    if improved:
+        save_checkpoint(weights_only(state), out / "best.pt")
+    rows = [",".join(HISTORY_COLUMNS)] + [",".join(f"{h[k]:.6g}" if isinstance(h[k], float) else str(h[k])
+                                                   for k in HISTORY_COLUMNS) for h in state["history"]]
+    write_file(out / "history.csv", lambda f: f.write(("\n".join(rows) + "\n").encode()), option="--out")
+    picture = draw_curves(state["history"], state["best_epoch"])
+    write_file(out / "curves.png", lambda f: picture.save(f, format="PNG"), option="--out")
+
+
 def load_checkpoint(path):
     """A checkpoint dict, loaded safely: weights_only=True refuses pickled code, and
     map_location='cpu' lets a GPU checkpoint load on any machine."""
@@ -665,10 +700,41 @@ def mixup(x, y, alpha):
     return lam * x + (1 - lam) * x[perm], y[perm], lam
 
 
-def train_one_epoch(model, batches, steps, optimizer, scheduler, scaler, criterion, rt, epoch, alpha=0.0):
-    """One pass over the training batches, with mixup when alpha > 0; returns the mean loss."""
+class Progress:
+    """One line inside the epoch (step, images/s, running loss, time left), rewritten
+    in place with a carriage return; only on a terminal, so logs and CI get none."""
+
+    def __init__(self, steps, batch_size, stream=None):
+        self.stream = stream or sys.stdout
+        self.on = self.stream.isatty() and (not dist.is_initialized() or dist.get_rank() == 0)
+        self.steps, self.batch_size = steps, batch_size
+        self.t0 = self.shown = time.time()
+        self.width = 0
+
+    def update(self, step, mean_loss):
+        now = time.time()
+        if not self.on or (now - self.shown < 0.2 and step < self.steps):  # a few redraws a second
+            return
+        elapsed, self.shown = now - self.t0, now
+        text = (f"  step {step}/{self.steps}  {step * self.batch_size / elapsed:6.0f} img/s  "
+                f"loss {mean_loss:.4f}  {elapsed / step * (self.steps - step):4.0f} s left in the epoch")
+        self.width = max(self.width, len(text))
+        self.stream.write("\r" + text.ljust(self.width))
+        self.stream.flush()
+
+    def close(self):
+        """Blank the line, so the epoch's own line is printed on a clean one."""
+        if self.on and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+
+
+def train_one_epoch(model, batches, steps, optimizer, scheduler, scaler, criterion, rt, epoch, alpha=0.0,
+                    progress=None):
+    """One pass over the training batches, with mixup when alpha > 0; returns the mean
+    loss and the learning rate of the last step (the scheduler has moved on since)."""
     model.train()
-    total, count = 0.0, 0
+    total, count, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
     for step, (x, y) in enumerate(batches, 1):
         if alpha > 0:
             x, y2, lam = mixup(x, y, alpha)
@@ -683,16 +749,21 @@ def train_one_epoch(model, batches, steps, optimizer, scheduler, scaler, criteri
             raise diverged(f"the loss became {loss.item()}", epoch, step, steps, optimizer)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        lr = optimizer.param_groups[0]["lr"]
         scaler.step(optimizer)
         scaler.update()
         if not isinstance(scheduler, PLATEAU):  # the plateau schedule steps once per epoch, on validation
             scheduler.step()
         total += loss.item()
         count += 1
+        if progress:
+            progress.update(count, total / count)
+    if progress:
+        progress.close()
     # A finite last loss can still leave inf/NaN weights: never checkpoint those.
     if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
         raise diverged("the weights became inf or NaN", epoch, count, steps, optimizer)
-    return total / max(count, 1)
+    return total / max(count, 1), lr
 
 
 def diverged(what, epoch, step, steps, optimizer):
@@ -789,9 +860,13 @@ def make_scheduler(args, optimizer, total_steps):
         # threshold 0: any rise is a new best, as for best.pt
         return PLATEAU(optimizer, mode="max", factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE, threshold=0)
     if args.schedule == "onecycle":
-        # OneCycleLR divides by pct_start * total_steps - 1: zero, a ZeroDivisionError, at 5 steps
+        # OneCycleLR's warm-up ends at step pct_start * total_steps - 1: at least step 1, so
+        # a short run still starts low, reaches the peak, then decays (under 3 steps it cannot).
+        if total_steps < 3:
+            raise FerError(f"--schedule onecycle needs at least 3 steps (warm up, peak, decay), this run has "
+                           f"{total_steps}: train more --epochs, lower --batch-size, or use --schedule constant")
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps,
-                                                   pct_start=0.2 if total_steps != 5 else 0.3)
+                                                   pct_start=max(0.2, 2 / total_steps))
     if args.schedule == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total_steps, 1))))
@@ -847,10 +922,10 @@ def cmd_prepare(args):
         log(f"  left out: {n} {why}")
 
 
-TRAIN_OPTIONS = ("model", "epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay",
+TRAIN_OPTIONS = ("model", "recipe", "epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay",
                  "label_smoothing", "balanced", "image_size", "in_channels", "crop_scale", "rotation",
                  "erasing", "mixup", "val_fraction", "seed", "pipeline", "skip_bad_images")
-# What `--resume` needs beyond CHECKPOINT_KEYS (an export drops the first three).
+# What `--resume` needs beyond CHECKPOINT_KEYS (best.pt and exports drop the first three).
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "epoch", "best_metric", "best_epoch", "history")
 
 
@@ -865,10 +940,11 @@ def resolve_train_args(args):
             raise FerError(f"--resume {args.resume} is a {ckpt['arch']} checkpoint but --model is "
                            f"{args.model}; drop --model or resume a {args.model} checkpoint")
         ckpt["args"].setdefault("mixup", 0.0)  # runs saved before --mixup existed had none
+        ckpt["args"].setdefault("recipe", "ours")  # nor a recipe other than ours
         missing = [k for k in RESUME_KEYS if k not in ckpt] + [k for k in TRAIN_OPTIONS if k not in ckpt["args"]]
         if missing:
             raise FerError(f"--resume {args.resume} has no training state ({', '.join(missing)}); "
-                           "an export keeps weights only: resume from the run's last.pt, or train anew")
+                           "best.pt and exports keep the weights only: resume from the run's last.pt, or train anew")
         given = [k for k in TRAIN_OPTIONS if k != "model" and getattr(args, k) is not None]
         if given:
             raise FerError(f"--resume continues a run with the options it was started with; drop "
@@ -882,7 +958,8 @@ def resolve_train_args(args):
         args.data = args.data or ckpt["args"]["data"]
         args.out = args.out or ckpt["args"]["out"]
     args.model = args.model or "resnet34"
-    for k, v in {**TRAIN_DEFAULTS, **RECIPES[args.model]}.items():
+    args.recipe = args.recipe or "ours"
+    for k, v in {**TRAIN_DEFAULTS, **RECIPES[args.recipe][args.model]}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.out = args.out or str(Path("runs") / args.model)
@@ -937,20 +1014,19 @@ def cmd_train(args):
         log(f"resuming from {args.resume} after epoch {start} of {args.epochs}")
     batches = pil_batches if args.pipeline == "pil" else tensor_batches
 
-    last_path = out / "last.pt"
     for epoch in range(start + 1, args.epochs + 1):
         # Seeded per epoch (and per process), so --resume replays the same epochs.
         torch.manual_seed(args.seed * 100_003 + epoch * 101 + rt.rank)
         tic = time.time()
-        loss = train_one_epoch(model, batches(faces, train_idx, args.batch_size, args, rt, args.seed + epoch),
-                               steps, optimizer, scheduler, scaler, criterion, rt, epoch, args.mixup)
+        loss, lr = train_one_epoch(model, batches(faces, train_idx, args.batch_size, args, rt, args.seed + epoch),
+                                   steps, optimizer, scheduler, scaler, criterion, rt, epoch, args.mixup,
+                                   Progress(steps, args.batch_size))
         seconds = time.time() - tic
         if rt.world > 1:  # BatchNorm statistics drift apart per process: validate rank 0's
             for b in raw_model.buffers():
                 dist.broadcast(b, 0)
         cm, _ = evaluate(raw_model, faces, val_idx, rt, args.batch_size * 2)
         m = metrics.classification_metrics(cm)
-        lr = optimizer.param_groups[0]["lr"]  # the rate of this epoch's last step (before a plateau halving)
         if isinstance(scheduler, PLATEAU):
             scheduler.step(m["macro_f1"])  # every process sees the same figure, so the rates stay equal
         improved = m["macro_f1"] > best
@@ -968,9 +1044,7 @@ def cmd_train(args):
                          scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                          best_metric=best, best_epoch=best_epoch, val_metrics=m, history=history,
                          args={k: getattr(args, k) for k in TRAIN_OPTIONS + ("data", "out", "amp", "channels_last")})
-            save_checkpoint(state, last_path)
-            if improved:
-                save_checkpoint(state, out / "best.pt")
+            save_run(out, state, improved)
         if args.dry_run:
             break
     log(f"best validation macro-F1 {best:.4f} at epoch {best_epoch}; checkpoints in {out}/ "
@@ -1181,6 +1255,57 @@ def draw_confusion_matrix(cm, classes, cell=80, font_size=16):
     return img
 
 
+def draw_curves(history, best_epoch, width=960, height=360, font_size=14):
+    """Training loss (left) and validation accuracy and Macro-F1 (right) by epoch, the
+    kept epoch (best validation Macro-F1) marked by a grey line in both."""
+    img = Image.new("RGB", (width, height), "white")
+    d, font = ImageDraw.Draw(img), load_font(font_size)
+    epochs = [h["epoch"] for h in history]
+    panels = [("training loss", [("loss", [h["loss"] for h in history], "firebrick")]),
+              ("validation", [("accuracy", [h["val_accuracy"] for h in history], "steelblue"),
+                              ("Macro-F1", [h["val_macro_f1"] for h in history], "darkorange")])]
+    for k, (title, series) in enumerate(panels):
+        plot_panel(d, (k * width // 2, 0, (k + 1) * width // 2, height), epochs, series, best_epoch, title, font)
+    return img
+
+
+def plot_panel(d, box, xs, series, mark, title, font):
+    """Lines of `series` [(name, ys, colour)] against xs in `box`, with ticks on both
+    axes, a legend, and a vertical line at x = mark."""
+    x0, y0, x1, y1 = box
+    left, right, top, bottom = x0 + 62, x1 - 18, y0 + 34, y1 - 44
+    values = [v for _, ys, _ in series for v in ys]
+    lo, hi = min(values), max(values)
+    pad = (hi - lo) * 0.08 or 0.05  # a flat line sits mid-panel
+    lo, hi = lo - pad, hi + pad
+    span = max(xs[-1] - xs[0], 1)
+    px = lambda x: left + (x - xs[0]) / span * (right - left) if len(xs) > 1 else (left + right) / 2  # noqa: E731
+    py = lambda v: bottom - (v - lo) / (hi - lo) * (bottom - top)  # noqa: E731
+    d.text((left, y0 + 8), title, font=font, fill="black")
+    d.rectangle((left, top, right, bottom), outline="gray")
+    for i in range(5):  # y ticks
+        v = lo + (hi - lo) * i / 4
+        d.line((left - 4, py(v), left, py(v)), fill="gray")
+        d.text((x0 + 8, py(v) - 7), f"{v:.3f}", font=font, fill="dimgray")
+    step = max(1, math.ceil(span / 8))
+    for x in range(xs[0], xs[-1] + 1, step):  # x ticks
+        d.line((px(x), bottom, px(x), bottom + 4), fill="gray")
+        d.text((px(x) - 6, bottom + 6), str(x), font=font, fill="dimgray")
+    d.text(((left + right) / 2 - 18, bottom + 24), "epoch", font=font, fill="dimgray")
+    if mark in xs:
+        d.line((px(mark), top, px(mark), bottom), fill="darkgray", width=1)
+        d.text((px(mark) + 4, bottom - 20), f"kept: epoch {mark}", font=font, fill="dimgray")
+    for j, (name, ys, colour) in enumerate(series):
+        points = [(px(x), py(y)) for x, y in zip(xs, ys)]
+        if len(points) > 1:
+            d.line(points, fill=colour, width=2)
+        for x, y in points[-1:] if len(points) > 1 else points:
+            d.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+        lx = right - 110 * (len(series) - j)  # the legend, in the title's row
+        d.line((lx, y0 + 16, lx + 20, y0 + 16), fill=colour, width=3)
+        d.text((lx + 26, y0 + 8), name, font=font, fill="black")
+
+
 def draw_mistakes(faces, probs, limit, tile=128, font_size=14):
     """A grid of misclassified images, the most confident mistakes first, each
     captioned with its true class and, in red, the predicted class and confidence.
@@ -1242,7 +1367,7 @@ def draw_predictions(images, results, classes, tile=112, font_size=13):
 def cmd_export(args):
     """A checkpoint for shipping: weights only (float16 with --half), no optimiser."""
     ckpt = load_checkpoint(args.checkpoint)
-    state = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", "scaler")}
+    state = weights_only(ckpt)
     if args.half:
         state["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
     make_folder(Path(args.out).parent, "--out")
@@ -1296,7 +1421,7 @@ def peak_memory(rt):
 def cmd_bench(args):
     """Training and inference throughput of the report's pipeline and of ours."""
     args.model = args.model or "resnet34"
-    recipe = RECIPES[args.model]
+    recipe = OURS[args.model]
     size = args.image_size or recipe["image_size"]
     batch = args.batch_size or recipe["batch_size"]
     n_images = batch * (args.steps + 1)
@@ -1388,6 +1513,23 @@ def mixup_alpha(text):
     return alpha
 
 
+def recipe_table():
+    """`train --help`'s table of both recipes, made from RECIPES so it cannot drift."""
+    rows = [("network", "recipe", "optimizer", "lr", "batch", "epochs", "size", "schedule", "augmentation, loss")]
+    for net in sorted(MODELS):
+        for name in ("ours", "report"):
+            r = {**TRAIN_DEFAULTS, **RECIPES[name][net]}
+            aug = [f"crop {r['crop_scale']:g}-1", "flip"] + [f"rotate {r['rotation']:g}"] * (r["rotation"] > 0) \
+                + [f"erase {r['erasing']:g}"] * (r["erasing"] > 0) \
+                + [f"label smoothing {r['label_smoothing']:g}"] * (r["label_smoothing"] > 0) \
+                + [f"wd {r['weight_decay']:g}"] * (r["weight_decay"] > 0)
+            rows.append((net, name, r["optimizer"], f"{r['lr']:g}", r["batch_size"], r["epochs"], r["image_size"],
+                         r["schedule"], ", ".join(aug)))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(f"{str(v):<{w}}" for v, w in zip(row, widths)).rstrip() for row in rows]
+    return "recipes (--recipe; an option given explicitly overrides its value):\n" + "\n".join(lines)
+
+
 def build_parser():
     p = Parser(prog="fer.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
@@ -1415,35 +1557,38 @@ def build_parser():
     q.set_defaults(func=cmd_prepare)
 
     D = TRAIN_DEFAULTS
-    t = sub.add_parser("train", help="train a network; keeps the best (validation Macro-F1) and last epoch", **fmt)
+    t = sub.add_parser("train", help="train a network; keeps the best (validation Macro-F1) and last epoch",
+                       epilog=recipe_table(), **fmt)
     t.add_argument("--data", help=f"folder with train/<class>/ images (default: {DEFAULT_DATA}, "
                    "or the resumed run's)")
     t.add_argument("--model", choices=sorted(MODELS), help="network (default: resnet34)")
     t.add_argument("--out", help="folder for best.pt and last.pt (default: runs/<model>)")
+    t.add_argument("--recipe", choices=sorted(RECIPES), help="the per-network values of the table below: "
+                   "ours (fast on a CPU) or the report's; options given explicitly override it (default: ours)")
     t.add_argument("--resume", metavar="CKPT", help="continue the run saved in CKPT (its last.pt) "
                    "with the options it was started with (default: a new run)")
-    t.add_argument("--epochs", type=number(int, 1), help="epochs (default: per network, see README)")
-    t.add_argument("--batch-size", type=number(int, 1), help="global batch size (default: per network)")
+    t.add_argument("--epochs", type=number(int, 1), help="epochs (default: per network and recipe)")
+    t.add_argument("--batch-size", type=number(int, 1), help="global batch size (default: per network and recipe)")
     # Optimisers keep the rate in float32: a larger one overflows inside them, not in a clear error.
     t.add_argument("--lr", type=number(float, 0, torch.finfo(torch.float32).max, low_open=True),
-                   help="peak learning rate, the starting one for plateau (default: per network)")
+                   help="peak learning rate, the starting one for plateau (default: per network and recipe)")
     t.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
-                   help="SGD with Nesterov momentum 0.9, Adam or AdamW (default: per network)")
+                   help="SGD with Nesterov momentum 0.9, Adam or AdamW (default: per network and recipe)")
     t.add_argument("--schedule", choices=["onecycle", "cosine", "constant", "plateau"],
                    help="learning-rate schedule: onecycle, cosine and constant step per batch; plateau "
                    f"halves the rate once {PLATEAU_PATIENCE + 1} epochs in a row bring no new best "
-                   f"validation Macro-F1 (default: {D['schedule']})")
-    t.add_argument("--weight-decay", type=number(float, 0), help=f"(default: {D['weight_decay']})")
-    t.add_argument("--label-smoothing", type=number(float, 0, 1, high_open=True), help=f"(default: {D['label_smoothing']})")
+                   f"validation Macro-F1 (default: {D['schedule']}, or the recipe's)")
+    t.add_argument("--weight-decay", type=number(float, 0), help=f"(default: {D['weight_decay']}, or the recipe's)")
+    t.add_argument("--label-smoothing", type=number(float, 0, 1, high_open=True), help=f"(default: {D['label_smoothing']}, or the recipe's)")
     t.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=None,
                    help="weight the loss by inverse class frequency (default: off)")
     t.add_argument("--image-size", type=number(int, 1), help="side of the square network input; "
-                   "images are resized to it once, when decoded (default: per network)")
+                   "images are resized to it once, when decoded (default: per network and recipe)")
     t.add_argument("--in-channels", type=int, choices=[1, 3], help=f"1 for grayscale, 3 for RGB (default: {D['in_channels']})")
     t.add_argument("--crop-scale", type=number(float, 0, 1, low_open=True),
-                   help=f"smallest area fraction of the random resized crop (default: {D['crop_scale']}; the report's is 0.08)")
-    t.add_argument("--rotation", type=number(float, 0, 180), help=f"largest random rotation in degrees (default: {D['rotation']})")
-    t.add_argument("--erasing", type=number(float, 0, 1), help=f"probability of random erasing (default: {D['erasing']})")
+                   help=f"smallest area fraction of the random resized crop (default: {D['crop_scale']}, or the recipe's)")
+    t.add_argument("--rotation", type=number(float, 0, 180), help=f"largest random rotation in degrees (default: {D['rotation']}, or the recipe's)")
+    t.add_argument("--erasing", type=number(float, 0, 1), help=f"probability of random erasing (default: {D['erasing']}, or the recipe's)")
     t.add_argument("--mixup", type=mixup_alpha, metavar="ALPHA",
                    help="blend pairs of training images and their labels by a weight drawn from "
                         f"Beta(ALPHA, ALPHA), {MIXUP_MIN_ALPHA:g} to 100; the paper used 0.1-0.4 on ImageNet; "

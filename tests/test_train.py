@@ -1,0 +1,144 @@
+"""What a training run leaves and shows: the run folder (best.pt, last.pt,
+history.csv, curves.png), the progress line, schedules of short runs, and recipes."""
+import argparse
+import csv
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+import fer
+
+FAST = ("--model", "resnet34", "--image-size", "32", "--batch-size", "4", "--threads", "1")
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data, tmp_path_factory):
+    """Three epochs on the tiny data, in this process: the run folder and stdout."""
+    out = tmp_path_factory.mktemp("run")
+    threads = torch.get_num_threads()
+    try:
+        fer.main(["train", "--data", str(tiny_data), *FAST, "--epochs", "3", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_run_folder_holds_history_and_curves(run):
+    last = fer.load_checkpoint(run / "last.pt")
+    with open(run / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["epoch", "loss", "val_accuracy", "val_macro_f1", "lr", "seconds"]
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    for r, h in zip(rows, last["history"]):
+        assert all(float(r[k]) == pytest.approx(h[k], rel=1e-5) for k in fer.HISTORY_COLUMNS)
+    with Image.open(run / "curves.png") as img:
+        assert img.format == "PNG" and img.size == (960, 360)
+        assert len(img.convert("RGB").getcolors(1 << 16)) > 10  # lines drawn, not a blank canvas
+
+
+def test_best_pt_keeps_what_evaluation_needs_and_last_pt_what_resume_needs(run, tiny_data, fer_main):
+    best, last = fer.load_checkpoint(run / "best.pt"), fer.load_checkpoint(run / "last.pt")
+    assert not {"optimizer", "scheduler", "scaler"} & best.keys()
+    assert {"optimizer", "scheduler", "scaler"} <= last.keys()
+    assert {"arch", "classes", "args", "epoch", "val_metrics", "state_dict"} <= best.keys()
+    assert best["epoch"] == best["best_epoch"] and best["val_metrics"]["macro_f1"] == best["best_metric"]
+    assert fer_main("test", "--checkpoint", run / "best.pt", "--data", tiny_data, "--threads", "1")[0] == 0
+    code, _, err = fer_main("train", "--resume", run / "best.pt")
+    assert code == 2 and "no training state" in err and "last.pt" in err, err
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_line_is_rewritten_in_place_on_a_terminal_only(monkeypatch):
+    clock = iter(range(100))
+    monkeypatch.setattr(fer.time, "time", lambda: float(next(clock)))  # one second a step
+    term = Terminal()
+    p = fer.Progress(steps=4, batch_size=8, stream=term)
+    for step in range(1, 5):
+        p.update(step, 2.0 / step)
+    p.close()
+    text = term.getvalue()
+    lines = text.split("\r")[1:]
+    assert len(lines) == 6 and lines[4].isspace() and lines[5] == ""  # four updates, then the line blanked
+    assert lines[0].strip() == "step 1/4       8 img/s  loss 2.0000     3 s left in the epoch"
+    assert lines[3].split()[:2] == ["step", "4/4"] and lines[3].rstrip().endswith("0 s left in the epoch")
+    assert "\n" not in text and len({len(line) for line in lines[:4]}) == 1  # padded: no leftovers
+    pipe = io.StringIO()  # a log file or CI: nothing at all
+    p = fer.Progress(steps=4, batch_size=8, stream=pipe)
+    p.update(4, 1.0)
+    p.close()
+    assert pipe.getvalue() == ""
+
+
+def rates_used(schedule, total_steps, lr=0.05):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr, momentum=0.9)
+    scheduler = fer.make_scheduler(argparse.Namespace(schedule=schedule, lr=lr), optimizer, total_steps)
+    rates = []
+    for _ in range(total_steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+@pytest.mark.parametrize("total_steps", [3, 4, 5, 7, 10, 11])
+def test_onecycle_warms_up_peaks_and_decays_in_any_short_run(total_steps):
+    rates = rates_used("onecycle", total_steps)
+    peak = rates.index(max(rates))
+    assert rates[0] == pytest.approx(0.05 / 25) and max(rates) == pytest.approx(0.05, rel=0.05)  # the peak step
+    assert 1 <= peak < total_steps - 1 and rates[-1] == min(rates) == pytest.approx(0.05 / 25 / 1e4)
+    assert rates[:peak + 1] == sorted(rates[:peak + 1]) and rates[peak:] == sorted(rates[peak:], reverse=True)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_cosine_and_constant_start_at_the_rate_even_for_one_step(schedule):
+    assert rates_used(schedule, 1) == [0.05]
+    rates = rates_used(schedule, 4)
+    assert rates[0] == 0.05 and rates == sorted(rates, reverse=True) and min(rates) > 0
+
+
+def test_onecycle_under_three_steps_is_refused_in_one_line(tiny_data, tmp_path, fer_main):
+    # 21 training images in one batch of 64: one step an epoch, two in all
+    code, _, err = fer_main("train", "--data", tiny_data, "--model", "resnet34", "--image-size", "32",
+                            "--epochs", "2", "--threads", "1", "--out", tmp_path)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "needs at least 3 steps" in err and "this run has 2" in err and "--schedule constant" in err
+
+
+def test_logged_rate_is_the_last_steps(tiny_data, tmp_path, fer_main):
+    """A 3-step OneCycle run (one epoch of 3 batches of 7): the epoch used the peak and
+    ended at the lowest rate, and that last rate is what history and the line show."""
+    code, out, err = fer_main("train", "--data", tiny_data, "--model", "resnet34", "--image-size", "32",
+                              "--batch-size", "7", "--epochs", "1", "--threads", "1", "--out", tmp_path)
+    assert code == 0, err
+    (h,) = fer.load_checkpoint(tmp_path / "last.pt")["history"]
+    assert h["lr"] == pytest.approx(0.05 / 25 / 1e4) and "lr 2.00e-07" in out
+    assert "\r" not in out  # captured, not a terminal: no in-place progress line
+
+
+def test_report_recipe_records_its_values_and_options_override_it(tiny_data, tmp_path, fer_main):
+    code, _, err = fer_main("train", "--data", tiny_data, "--recipe", "report", "--model", "googlenet",
+                            "--image-size", "64", "--threads", "1", "--dry-run", "--out", tmp_path)
+    assert code == 0, err
+    a = fer.load_checkpoint(tmp_path / "last.pt")["args"]
+    assert a["recipe"] == "report" and a["image_size"] == 64  # given explicitly: wins over 224
+    assert {k: a[k] for k in ("optimizer", "lr", "batch_size", "epochs", "schedule", "weight_decay",
+                              "label_smoothing", "crop_scale", "rotation", "erasing")} == dict(
+        optimizer="adam", lr=3e-4, batch_size=32, epochs=100, schedule="constant", weight_decay=0.0,
+        label_smoothing=0.0, crop_scale=0.08, rotation=0.0, erasing=0.0)
+    # validate needs nothing retyped; --resume refuses a recipe it would ignore
+    assert fer_main("validate", "--checkpoint", tmp_path / "best.pt", "--threads", "1")[0] == 0
+    code, _, err = fer_main("train", "--resume", tmp_path / "last.pt", "--recipe", "ours")
+    assert code == 2 and "drop --recipe" in err, err
+
+
+def test_every_network_has_both_recipes_and_help_shows_them(capsys):
+    assert set(fer.RECIPES["ours"]) == set(fer.RECIPES["report"]) == set(fer.MODELS)
+    table = fer.recipe_table()
+    assert "resnet34   report  adam       0.0001  16     80      224   constant  crop 0.08-1, flip" in table
+    assert "alexnet    report  adam       0.0002  32     100" in table
