@@ -1,16 +1,23 @@
 #!/usr/bin/env python
 """fer: facial expression recognition with classic CNNs trained from scratch.
 
-    python fer.py train    --data ../shared/data/fer5 --model resnet34
+    python fer.py prepare  ~/Downloads/fer2013.csv        # -> data/fer5, data/fer2013
+    python fer.py train    --model resnet34                # on data/fer5 -> runs/resnet34/
     python fer.py validate --checkpoint runs/resnet34/best.pt
-    python fer.py test     --checkpoint runs/resnet34/best.pt --data ../shared/data/fer5
-    python fer.py predict  --checkpoint runs/resnet34/best.pt face.jpg faces/
+    python fer.py test     --checkpoint runs/resnet34/best.pt
+    python fer.py predict  samples/ face.jpg               # the shipped checkpoint by default
     python fer.py bench    --model resnet34
     python fer.py export   --checkpoint runs/resnet34/best.pt --out checkpoints/resnet34.pt
 
 This file owns the data, the loops, the checkpoints and the command line;
 nets.py holds the networks and metrics.py the confusion-matrix metrics.
 Run `python fer.py <command> --help` for every option and its default.
+
+Contents, top to bottom: recipes and constants; data (image folders decoded into
+tensors, augmentation, test-time views; `prepare`'s readers of FER2013); runtime
+(device, precision, processes); models and checkpoints; the loops (one training
+epoch, one evaluation); the commands prepare, train, validate, test; using a
+model (predict, pictures, export); bench; the command line.
 """
 import argparse
 import csv
@@ -925,6 +932,8 @@ def cmd_prepare(args):
 TRAIN_OPTIONS = ("model", "recipe", "epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay",
                  "label_smoothing", "balanced", "image_size", "in_channels", "crop_scale", "rotation",
                  "erasing", "mixup", "val_fraction", "seed", "pipeline", "skip_bad_images")
+# What a checkpoint's `args` records: the training options and where the run read and wrote.
+RUN_OPTIONS = TRAIN_OPTIONS + ("data", "out", "amp", "channels_last")
 # What `--resume` needs beyond CHECKPOINT_KEYS (best.pt and exports drop the first three).
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "epoch", "best_metric", "best_epoch", "history")
 
@@ -967,16 +976,13 @@ def resolve_train_args(args):
     return ckpt
 
 
-def cmd_train(args):
-    ckpt = resolve_train_args(args)
-    check_image_size(args.model, args.image_size)
-    rt = setup_runtime(args, distributed=True)
+def training_data(args, ckpt, rt):
+    """The decoded training folder and its train / validation indices."""
     train_dir = split_folder(args.data, "train")
     out = Path(args.out)
     make_folder(out, "--out")
     if not os.access(out, os.W_OK):
         raise FerError(f"--out folder {out} is not writable; choose another --out")
-
     t0 = time.time()
     faces = load_faces(train_dir, args.image_size, args.in_channels, args.skip_bad_images)
     if ckpt is not None:
@@ -987,10 +993,15 @@ def cmd_train(args):
         f"on {rt.device} ({describe_device(rt.device)})"
         f"{', ' + str(rt.amp_dtype).replace('torch.', '') + ' autocast' if rt.amp_dtype else ''}"
         f"{', ' + str(rt.world) + ' processes' if rt.world > 1 else ''}")
+    return faces, train_idx, val_idx
 
+
+def training_setup(args, faces, train_idx, rt):
+    """The network (wrapped for DDP and compiled when asked), its optimiser, schedule,
+    grad scaler and loss, and the number of steps an epoch."""
     torch.manual_seed(args.seed)
-    model = build_model(args.model, len(faces.classes), args.in_channels, args.image_size, rt)
-    raw_model = model  # the unwrapped network: what checkpoints hold
+    raw_model = build_model(args.model, len(faces.classes), args.in_channels, args.image_size, rt)
+    model = raw_model  # raw_model, unwrapped, is what checkpoints hold
     if rt.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
     if args.compile:  # after DDP, so compiled graphs keep DDP's bucketed all-reduce
@@ -1004,14 +1015,29 @@ def cmd_train(args):
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     weight = class_weights(faces.labels[train_idx], len(faces.classes)).to(rt.device) if args.balanced else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
+    return model, raw_model, optimizer, scheduler, scaler, criterion, steps
+
+
+def restore(ckpt, args, raw_model, optimizer, scheduler, scaler):
+    """--resume: the saved weights and optimiser, schedule and scaler states; returns
+    the epoch to continue after, the best figure so far, its epoch and the history."""
+    load_weights(raw_model, ckpt["state_dict"], ckpt["arch"], args.resume)
+    for part, name in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
+        part.load_state_dict(ckpt[name])
+    log(f"resuming from {args.resume} after epoch {ckpt['epoch']} of {args.epochs}")
+    return ckpt["epoch"], ckpt["best_metric"], ckpt["best_epoch"], ckpt["history"]
+
+
+def cmd_train(args):
+    ckpt = resolve_train_args(args)
+    check_image_size(args.model, args.image_size)
+    rt = setup_runtime(args, distributed=True)
+    t0 = time.time()
+    faces, train_idx, val_idx = training_data(args, ckpt, rt)
+    model, raw_model, optimizer, scheduler, scaler, criterion, steps = training_setup(args, faces, train_idx, rt)
     start, best, best_epoch, history = 0, -1.0, 0, []
     if ckpt is not None:
-        load_weights(raw_model, ckpt["state_dict"], ckpt["arch"], args.resume)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start, best, best_epoch, history = ckpt["epoch"], ckpt["best_metric"], ckpt["best_epoch"], ckpt["history"]
-        log(f"resuming from {args.resume} after epoch {start} of {args.epochs}")
+        start, best, best_epoch, history = restore(ckpt, args, raw_model, optimizer, scheduler, scaler)
     batches = pil_batches if args.pipeline == "pil" else tensor_batches
 
     for epoch in range(start + 1, args.epochs + 1):
@@ -1043,11 +1069,11 @@ def cmd_train(args):
                          state_dict=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                          best_metric=best, best_epoch=best_epoch, val_metrics=m, history=history,
-                         args={k: getattr(args, k) for k in TRAIN_OPTIONS + ("data", "out", "amp", "channels_last")})
-            save_run(out, state, improved)
+                         args={k: getattr(args, k) for k in RUN_OPTIONS})
+            save_run(Path(args.out), state, improved)
         if args.dry_run:
             break
-    log(f"best validation macro-F1 {best:.4f} at epoch {best_epoch}; checkpoints in {out}/ "
+    log(f"best validation macro-F1 {best:.4f} at epoch {best_epoch}; checkpoints in {args.out}/ "
         f"(best.pt, last.pt); {(time.time() - t0) / 60:.1f} min in all")
 
 
@@ -1530,25 +1556,37 @@ def recipe_table():
     return "recipes (--recipe; an option given explicitly overrides its value):\n" + "\n".join(lines)
 
 
-def build_parser():
-    p = Parser(prog="fer.py", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True, metavar="command")
-    fmt = dict(formatter_class=argparse.RawDescriptionHelpFormatter)
+FMT = dict(formatter_class=argparse.RawDescriptionHelpFormatter)  # keeps the help's tables as written
 
-    def runtime_options(q):
-        q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                       help="where to run; auto takes cuda, then mps, then cpu (default: %(default)s)")
-        q.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                       help="mixed precision: bfloat16 (float16 + grad scaling on GPUs without bf16); "
-                            "default: on for cuda, and on cpu when it has native bf16 instructions")
-        q.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                       help="NHWC memory layout (default: on for cpu and cuda)")
-        q.add_argument("--threads", type=number(int, 1), default=None,
-                       help="CPU threads (default: $OMP_NUM_THREADS if set, as torchrun does, else all cores)")
-        q.add_argument("--workers", type=number(int, 0), default=2,
-                       help="DataLoader processes for --pipeline pil (default: %(default)s)")
+def runtime_options(q):
+    q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where to run; auto takes cuda, then mps, then cpu (default: %(default)s)")
+    q.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision: bfloat16 (float16 + grad scaling on GPUs without bf16); "
+                        "default: on for cuda, and on cpu when it has native bf16 instructions")
+    q.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory layout (default: on for cpu and cuda)")
+    q.add_argument("--threads", type=number(int, 1), default=None,
+                   help="CPU threads (default: $OMP_NUM_THREADS if set, as torchrun does, else all cores)")
+    q.add_argument("--workers", type=number(int, 0), default=2,
+                   help="DataLoader processes for --pipeline pil (default: %(default)s)")
 
-    q = sub.add_parser("prepare", help="FER2013 as downloaded -> OUT/fer5 (the report's split) and OUT/fer2013", **fmt)
+
+def evaluation_options(q, data_help, data_default):
+    q.add_argument("--checkpoint", required=True, help="a .pt file written by train or export")
+    q.add_argument("--data", default=data_default, help=f"{data_help} (default: {data_default or 'the --data the checkpoint was trained with'})")
+    q.add_argument("--batch-size", type=number(int, 1), default=128, help="(default: %(default)s)")
+    q.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (default: print only)")
+    runtime_options(q)
+
+
+TTA = dict(choices=["none", "flip", "tencrop"], default="none",
+           help="test-time augmentation: average softmax over the mirror image or ten crops (default: %(default)s)")
+
+
+def add_prepare(sub):
+    """`prepare`: FER2013 as downloaded -> the folders below."""
+    q = sub.add_parser("prepare", help="FER2013 as downloaded -> OUT/fer5 (the report's split) and OUT/fer2013", **FMT)
     q.add_argument("src", metavar="SRC", help="fer2013.csv, icml_face_data.csv, the image-folder copy "
                    "(train/<class>/, test/<class>/) or the .zip / .tar.gz holding one of them")
     q.add_argument("--out", default="data", help="folder to write fer5/ and fer2013/ into (default: %(default)s)")
@@ -1556,9 +1594,12 @@ def build_parser():
                    help="the fer5 split, face by face (default: data/fer5_manifest.csv beside fer.py)")
     q.set_defaults(func=cmd_prepare)
 
+
+def add_train(sub):
+    """`train` and its options, with the recipes' table as its epilog."""
     D = TRAIN_DEFAULTS
     t = sub.add_parser("train", help="train a network; keeps the best (validation Macro-F1) and last epoch",
-                       epilog=recipe_table(), **fmt)
+                       epilog=recipe_table(), **FMT)
     t.add_argument("--data", help=f"folder with train/<class>/ images (default: {DEFAULT_DATA}, "
                    "or the resumed run's)")
     t.add_argument("--model", choices=sorted(MODELS), help="network (default: resnet34)")
@@ -1606,31 +1647,28 @@ def build_parser():
     runtime_options(t)
     t.set_defaults(func=cmd_train)
 
-    def evaluation_options(q, data_help, data_default):
-        q.add_argument("--checkpoint", required=True, help="a .pt file written by train or export")
-        q.add_argument("--data", default=data_default, help=f"{data_help} (default: {data_default or 'the --data the checkpoint was trained with'})")
-        q.add_argument("--batch-size", type=number(int, 1), default=128, help="(default: %(default)s)")
-        q.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (default: print only)")
-        runtime_options(q)
 
-    tta = dict(choices=["none", "flip", "tencrop"], default="none",
-               help="test-time augmentation: average softmax over the mirror image or ten crops (default: %(default)s)")
+def add_evaluation(sub):
+    """`validate` and `test`."""
     v = sub.add_parser("validate", help="metrics on the run's validation split (rebuilt from the checkpoint); "
-                       "choose --tta here, not on the test split", **fmt)
+                       "choose --tta here, not on the test split", **FMT)
     evaluation_options(v, "folder with train/<class>/", None)
-    v.add_argument("--tta", **tta)
+    v.add_argument("--tta", **TTA)
     v.set_defaults(func=cmd_validate)
 
-    s = sub.add_parser("test", help="full metrics on DIR/test/ (the only command that reads it)", **fmt)
+    s = sub.add_parser("test", help="full metrics on DIR/test/ (the only command that reads it)", **FMT)
     evaluation_options(s, "folder with test/<class>/", DEFAULT_DATA)
-    s.add_argument("--tta", **tta)
+    s.add_argument("--tta", **TTA)
     s.add_argument("--save-dir", metavar="DIR", help="write metrics.json, confusion_matrix.png and mistakes.png to DIR (default: none)")
     s.add_argument("--mistakes", type=number(int, 1), default=32,
                    help="how many mistakes mistakes.png shows (default: %(default)s)")
     s.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images (default: off)")
     s.set_defaults(func=cmd_test)
 
-    r = sub.add_parser("predict", help="class probabilities of image files or folders", **fmt)
+
+def add_predict(sub):
+    """`predict` on image files and folders."""
+    r = sub.add_parser("predict", help="class probabilities of image files or folders", **FMT)
     r.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
     r.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="a .pt file written by train or export "
                    "(default: checkpoints/resnet34.pt beside fer.py, the shipped five-class model)")
@@ -1639,13 +1677,16 @@ def build_parser():
     r.add_argument("--top", type=number(int, 1), default=3, metavar="K",
                    help="how many classes, most probable first, the JSON's `top` lists per image; the table "
                         "and the JSON's `probabilities` always give every class (default: %(default)s)")
-    r.add_argument("--tta", **tta)
+    r.add_argument("--tta", **TTA)
     r.add_argument("--batch-size", type=number(int, 1), default=128, help="(default: %(default)s)")
     r.add_argument("--json", metavar="PATH", help="also write the predictions as JSON to PATH (default: print only)")
     runtime_options(r)
     r.set_defaults(func=cmd_predict, device="cpu")
 
-    b = sub.add_parser("bench", help="training and inference images/s: the report's pipeline against ours", **fmt)
+
+def add_bench(sub):
+    """`bench`: the report's pipeline against ours."""
+    b = sub.add_parser("bench", help="training and inference images/s: the report's pipeline against ours", **FMT)
     b.add_argument("--model", choices=sorted(MODELS), help="network (default: resnet34)")
     b.add_argument("--data", help="folder with train/<class>/ (default: random images made on the fly)")
     b.add_argument("--image-size", type=number(int, 1), help="our input size (default: the network's recipe)")
@@ -1659,13 +1700,22 @@ def build_parser():
     runtime_options(b)
     b.set_defaults(func=cmd_bench)
 
-    e = sub.add_parser("export", help="a weights-only checkpoint for shipping (float16 with --half)", **fmt)
+
+def add_export(sub):
+    """`export`: weights only, for shipping."""
+    e = sub.add_parser("export", help="a weights-only checkpoint for shipping (float16 with --half)", **FMT)
     e.add_argument("--checkpoint", required=True, help="a .pt file written by train")
     e.add_argument("--out", required=True, help="the file to write")
     e.add_argument("--half", action="store_true", help="store weights in float16, half the size (default: float32)")
     e.set_defaults(func=cmd_export)
-    return p
 
+
+def build_parser():
+    p = Parser(prog="fer.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="command")
+    for add in (add_prepare, add_train, add_evaluation, add_predict, add_bench, add_export):
+        add(sub)
+    return p
 
 
 def main(argv=None):
