@@ -142,3 +142,11 @@ def test_every_network_has_both_recipes_and_help_shows_them(capsys):
     table = fer.recipe_table()
     assert "resnet34   report  adam       0.0001  16     80      224   constant  crop 0.08-1, flip" in table
     assert "alexnet    report  adam       0.0002  32     100" in table
+
+
+def test_readme_shows_the_recipes_as_train_help_does():
+    """The README's recipe table is train --help's, row for row."""
+    readme = (fer.Path(fer.__file__).parent / "README.md").read_text()
+    for line in fer.recipe_table().splitlines()[2:]:
+        net, *rest = line.split(None, 8)
+        assert "| " + " | ".join([f"`{net}`", *rest]) + " |" in readme, line
