@@ -2,11 +2,13 @@
 
 Each case must end with a one-line error on stderr that names the problem and the
 fix, a non-zero exit status, no Python traceback, and no damage to files already
-written. Every case runs `fer.py` in a subprocess at least once (`run_fer`); the
-further variants of a case call `fer.main` in this process (`fer_main`), because
-starting Python and torch costs seconds per run on a small, shared CPU. An
-exception other than SystemExit escaping `fer.main` fails the test, as a traceback
-would. One trained run is shared by the module.
+written. Every case runs `fer.py` in a subprocess at least once: the tests that
+take `fer_cli` run both in this process and as `python fer.py` in a subprocess,
+the subprocess half marked slow (`python -m pytest -q -m slow`), because starting
+Python and torch costs seconds per run on a small, shared CPU; the further variants
+of a case call `fer.main` in this process only (`fer_main`). An exception other
+than SystemExit escaping `fer.main` fails the test, as a traceback would. One
+trained run, made in this process, is shared by the module (conftest's `tiny_run`).
 """
 import errno
 import hashlib
@@ -24,12 +26,13 @@ import torch.nn as nn
 from PIL import Image
 
 import fer
-from conftest import CLASSES, ROOT, run_fer, write_faces
+from conftest import CLASSES, FAST, ROOT, main_in_process, run_fer, write_faces
 
-FAST = ("--model", "resnet34", "--image-size", "32", "--batch-size", "4")
-EPOCHS = 3  # the shared run; case 7 interrupts a copy of it after epoch 1
-# Threads change the float sums: every run that case 7 compares uses one thread.
-RUN = (*FAST, "--epochs", str(EPOCHS), "--threads", "1")
+EPOCHS = 2  # the shared run, conftest's `tiny_run`
+# Case 7 interrupts a run of three epochs after epoch 1 and compares it with an
+# uninterrupted one. Threads change the float sums: both use one thread.
+EPOCHS_7 = 3
+RUN_7 = (*FAST, "--epochs", str(EPOCHS_7), "--threads", "1")
 
 
 # ----------------------------------------------------------------------------
@@ -67,12 +70,9 @@ def faces_with(root, classes=CLASSES, per_class=3, split="train", seed=0):
 
 
 @pytest.fixture(scope="module")
-def run(tiny_data, tmp_path_factory):
-    """One uninterrupted run, shared: its checkpoints feed the checkpoint cases, and
-    its final weights are what case 7's interrupted and resumed run must reach."""
-    out = tmp_path_factory.mktemp("run")
-    r = run_fer("train", "--data", tiny_data, "--out", out, *RUN)
-    assert r.returncode == 0, r.stderr
+def run(tiny_run):
+    """One run, shared: its checkpoints feed the checkpoint cases."""
+    out = tiny_run[0]
     assert fer.load_checkpoint(out / "last.pt")["epoch"] == EPOCHS
     return out
 
@@ -86,22 +86,24 @@ def ckpt(run):
 # ----------------------------------------------------------------------------
 # 1. --data missing, not a folder, or without train/ (test/ for `test`)
 
-def test_1_data_missing_subprocess(tmp_path):
-    r = run_fer("train", "--data", tmp_path / "nowhere", "--out", tmp_path / "out", *FAST, "--epochs", "1")
-    assert_error(r.returncode, r.stderr, tmp_path / "nowhere" / "train", "not found", "--data DIR must hold")
+def test_1_data_missing(tmp_path, fer_cli):
+    code, _, err = fer_cli("train", "--data", tmp_path / "nowhere", "--out", tmp_path / "out", *FAST, "--epochs", "1")
+    assert_error(code, err, tmp_path / "nowhere" / "train", "not found", "--data DIR must hold")
     assert not (tmp_path / "out").exists()  # stopped before any work
 
 
-def test_1_data_without_test_subprocess(run, tmp_path):
+def test_1_data_without_test(run, tmp_path, fer_cli):
     data = faces_with(tmp_path / "data")  # train/ only
     before = snapshot(run)
-    r = run_fer("test", "--checkpoint", run / "best.pt", "--data", data)
-    assert_error(r.returncode, r.stderr, data / "test", "not found", "DIR/test/<class>/")
+    code, _, err = fer_cli("test", "--checkpoint", run / "best.pt", "--data", data)
+    assert_error(code, err, data / "test", "not found", "DIR/test/<class>/")
     assert snapshot(run) == before
 
 
-@pytest.mark.parametrize("case", ["file", "no_train", "no_data_option", "validate_no_train", "test_missing"])
-def test_1_data_layouts(case, run, tmp_path, fer_main):
+@pytest.mark.parametrize("case", ["file", "no_train", "no_data_option", "test_no_data_option", "validate_no_train",
+                                  "test_missing"])
+def test_1_data_layouts(case, run, tmp_path, fer_main, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/fer5 here: the default --data is missing
     out = tmp_path / "out"
     only_test = faces_with(tmp_path / "only_test", split="test")
     a_file = tmp_path / "faces.zip"
@@ -109,9 +111,10 @@ def test_1_data_layouts(case, run, tmp_path, fer_main):
     calls = {
         "file": (("train", "--data", a_file, "--out", out, *FAST), (a_file / "train", "not found")),
         "no_train": (("train", "--data", only_test, "--out", out, *FAST), (only_test / "train", "not found")),
-        "no_data_option": (("train", "--out", out, *FAST), ("--data DIR is required",)),
+        "no_data_option": (("train", "--out", out, *FAST), ("data/fer5/train not found", "python fer.py prepare")),
+        "test_no_data_option": (("test", "--checkpoint", run / "last.pt"), ("data/fer5/test not found", "prepare")),
         "validate_no_train": (("validate", "--checkpoint", run / "last.pt", "--data", only_test),
-                              (only_test / "train", "is not a folder", "DIR/train/<class>/")),
+                              (only_test / "train", "not found", "DIR/train/<class>/")),
         "test_missing": (("test", "--checkpoint", run / "last.pt", "--data", tmp_path / "nowhere"),
                          (tmp_path / "nowhere" / "test", "not found")),
     }
@@ -124,10 +127,10 @@ def test_1_data_layouts(case, run, tmp_path, fer_main):
 # ----------------------------------------------------------------------------
 # 2. Empty class folders, one class, odd extensions, non-image files
 
-def test_2_one_class_subprocess(tmp_path):
+def test_2_one_class(tmp_path, fer_cli):
     data = faces_with(tmp_path / "data", classes=("happy",))
-    r = run_fer("train", "--data", data, "--out", tmp_path / "out", *FAST)
-    assert_error(r.returncode, r.stderr, data / "train", "1 class folder(s)", "at least two")
+    code, _, err = fer_cli("train", "--data", data, "--out", tmp_path / "out", *FAST)
+    assert_error(code, err, data / "train", "1 class folder(s)", "at least two")
     assert not list((tmp_path / "out").glob("*.pt"))
 
 
@@ -153,7 +156,7 @@ def test_2_classes_without_images(case, tmp_path, fer_main):
     assert snapshot(data) == before
 
 
-def test_2_odd_extensions_load_and_other_files_are_ignored(tmp_path):
+def test_2_odd_extensions_load_and_other_files_are_ignored(tmp_path, fer_cli):
     """.JPG, .jpeg, .PNG, .bmp, .WebP ... all load; README.txt and the like are
     skipped, and counted."""
     data = faces_with(tmp_path / "data", per_class=6)
@@ -166,24 +169,24 @@ def test_2_odd_extensions_load_and_other_files_are_ignored(tmp_path):
     (data / "train" / "angry" / "README.txt").write_text("where these faces come from\n")
     (data / "train" / "happy" / "notes.md").write_text("# notes\n")
     (data / "train" / "sad" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
-    r = run_fer("train", "--data", data, "--out", tmp_path / "out", *FAST, "--epochs", "1")
-    assert r.returncode == 0, r.stderr
-    assert "Traceback" not in r.stderr
-    assert f"ignored 3 hidden or non-image file(s) under {data / 'train'}" in r.stdout
-    assert "15 training and 3 validation images of 3 classes" in r.stdout  # 6 a class, all read
+    code, out, err = fer_cli("train", "--data", data, "--out", tmp_path / "out", *FAST, "--epochs", "1")
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert f"ignored 3 hidden or non-image file(s) under {data / 'train'}" in out
+    assert "15 training and 3 validation images of 3 classes" in out  # 6 a class, all read
     assert fer.load_checkpoint(tmp_path / "out" / "last.pt")["classes"] == list(CLASSES)
 
 
 # ----------------------------------------------------------------------------
 # 3. Corrupt or truncated images
 
-def test_3_corrupt_image_subprocess(tmp_path):
+def test_3_corrupt_image(tmp_path, fer_cli):
     data = faces_with(tmp_path / "data")
     bad = data / "train" / "happy" / "001.jpg"
     bad.write_bytes(b"this is not a JPEG")
     before = snapshot(data)
-    r = run_fer("train", "--data", data, "--out", tmp_path / "out", *FAST)
-    assert_error(r.returncode, r.stderr, f"cannot read image {bad}", "--skip-bad-images")
+    code, _, err = fer_cli("train", "--data", data, "--out", tmp_path / "out", *FAST)
+    assert_error(code, err, f"cannot read image {bad}", "--skip-bad-images")
     assert snapshot(data) == before and not list((tmp_path / "out").glob("*.pt"))
 
 
@@ -202,12 +205,12 @@ def test_3_truncated_image_names_it_and_skip_goes_on(run, tmp_path, fer_main):
 # ----------------------------------------------------------------------------
 # 4. Missing, foreign, truncated checkpoints; another network; other classes
 
-def test_4_truncated_checkpoint_subprocess(run, tiny_data, tmp_path):
+def test_4_truncated_checkpoint(run, tiny_data, tmp_path, fer_cli):
     cut = tmp_path / "cut.pt"
     cut.write_bytes((run / "best.pt").read_bytes()[:100_000])
     before = snapshot(tmp_path)
-    r = run_fer("test", "--checkpoint", cut, "--data", tiny_data)
-    assert_error(r.returncode, r.stderr, cut, "not a readable checkpoint", "truncated")
+    code, _, err = fer_cli("test", "--checkpoint", cut, "--data", tiny_data)
+    assert_error(code, err, cut, "not a readable checkpoint", "truncated")
     assert snapshot(tmp_path) == before
 
 
@@ -277,13 +280,13 @@ class Payload:
         return Path.touch, (Path(self.marker),)
 
 
-def test_5_pickled_code_is_refused_and_never_runs(ckpt, tiny_data, tmp_path):
+def test_5_pickled_code_is_refused_and_never_runs(ckpt, tiny_data, tmp_path, fer_cli):
     marker = tmp_path / "code-ran"
     evil = tmp_path / "evil.pt"
     torch.save({**{k: v for k, v in ckpt.items() if k != "optimizer"}, "note": Payload(marker)}, evil)
     before = snapshot(tmp_path)
-    r = run_fer("test", "--checkpoint", evil, "--data", tiny_data)
-    assert_error(r.returncode, r.stderr, evil, "pickled Python code", "refuses", "none of it ran")
+    code, _, err = fer_cli("test", "--checkpoint", evil, "--data", tiny_data)
+    assert_error(code, err, evil, "pickled Python code", "refuses", "none of it ran")
     assert not marker.exists()
     assert snapshot(tmp_path) == before
     # The file is really armed: an unsafe load runs the code.
@@ -294,10 +297,10 @@ def test_5_pickled_code_is_refused_and_never_runs(ckpt, tiny_data, tmp_path):
 # ----------------------------------------------------------------------------
 # 6. Options out of range, caught before any work starts
 
-def test_6_image_size_below_minimum_subprocess(tiny_data, tmp_path):
-    r = run_fer("train", "--data", tiny_data, "--out", tmp_path / "out", "--model", "alexnet",
-                "--image-size", "32", "--epochs", "1")
-    assert_error(r.returncode, r.stderr, "--image-size 32 is below alexnet's minimum of 63", "--image-size 63")
+def test_6_image_size_below_minimum(tiny_data, tmp_path, fer_cli):
+    code, _, err = fer_cli("train", "--data", tiny_data, "--out", tmp_path / "out", "--model", "alexnet",
+                           "--image-size", "32", "--epochs", "1")
+    assert_error(code, err, "--image-size 32 is below alexnet's minimum of 63", "--image-size 63")
     assert not (tmp_path / "out").exists()
 
 
@@ -336,10 +339,37 @@ def test_6_evaluation_options_out_of_range(command, run, tiny_data, fer_main):
 # ----------------------------------------------------------------------------
 # 7. Ctrl-C during training; --resume ends with the weights of an uninterrupted run
 
-def test_7_ctrl_c_keeps_checkpoints_and_resume_matches(run, tiny_data, tmp_path):
+def test_7_interrupt_keeps_the_checkpoints_and_says_how_to_resume(tiny_data, tmp_path, monkeypatch, fer_main):
+    """The quick half of case 7, in this process: Ctrl-C (KeyboardInterrupt) in the
+    second epoch ends with status 130, one line naming last.pt and the --resume
+    command, and the first epoch's checkpoints intact. The real SIGINT, and the
+    resume to the uninterrupted run's weights, are the slow test below."""
+    out = tmp_path / "out"
+    real, epochs = fer.train_one_epoch, []
+
+    def interrupted(*args, **kwargs):
+        epochs.append(len(epochs) + 1)
+        if len(epochs) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fer, "train_one_epoch", interrupted)
+    code, _, err = fer_main("train", "--data", tiny_data, "--out", out, *FAST, "--epochs", "2", "--threads", "1")
+    assert_error(code, err, f"interrupted; {out}/last.pt holds the last completed epoch",
+                 f"--resume {out}/last.pt", status=130)
+    assert epochs == [1, 2] and not list(out.glob(".*.tmp"))
+    assert fer.load_checkpoint(out / "last.pt")["epoch"] == 1
+    assert fer.load_checkpoint(out / "best.pt")["epoch"] == 1
+
+
+@pytest.mark.slow  # a real SIGINT needs a process of its own; three runs
+def test_7_ctrl_c_keeps_checkpoints_and_resume_matches(tiny_data, tmp_path):
+    uninterrupted = tmp_path / "full"  # the run that the interrupted and resumed one must reach
+    code, _, err = main_in_process("train", "--data", tiny_data, "--out", uninterrupted, *RUN_7)
+    assert code == 0 and fer.load_checkpoint(uninterrupted / "last.pt")["epoch"] == EPOCHS_7, err
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(ROOT / "fer.py"), "train", "--data", str(tiny_data),
-                             "--out", str(out), *RUN], cwd=tmp_path, text=True,
+                             "--out", str(out), *RUN_7], cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             # Python only turns SIGINT into KeyboardInterrupt if it is not ignored
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -362,15 +392,15 @@ def test_7_ctrl_c_keeps_checkpoints_and_resume_matches(run, tiny_data, tmp_path)
     assert f"--resume {out}/last.pt" in err
     assert not list(out.glob(".*.tmp"))  # no half-written file left behind
     cut = fer.load_checkpoint(out / "last.pt")
-    assert 1 <= cut["epoch"] < EPOCHS
+    assert 1 <= cut["epoch"] < EPOCHS_7
     fer.load_checkpoint(out / "best.pt")
 
     r = run_fer("train", "--resume", out / "last.pt", "--threads", "1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert f"resuming from {out / 'last.pt'} after epoch {cut['epoch']} of {EPOCHS}" in r.stdout
-    full = fer.load_checkpoint(run / "last.pt")["state_dict"]
+    assert f"resuming from {out / 'last.pt'} after epoch {cut['epoch']} of {EPOCHS_7}" in r.stdout
+    full = fer.load_checkpoint(uninterrupted / "last.pt")["state_dict"]
     resumed = fer.load_checkpoint(out / "last.pt")
-    assert resumed["epoch"] == EPOCHS and resumed["state_dict"].keys() == full.keys()
+    assert resumed["epoch"] == EPOCHS_7 and resumed["state_dict"].keys() == full.keys()
     for k, v in full.items():
         assert torch.equal(resumed["state_dict"][k], v), k
 
@@ -378,13 +408,12 @@ def test_7_ctrl_c_keeps_checkpoints_and_resume_matches(run, tiny_data, tmp_path)
 # ----------------------------------------------------------------------------
 # 8. A loss that becomes NaN or infinite
 
-def test_8_diverging_loss_stops_and_keeps_the_last_good_checkpoint(run, tiny_data, tmp_path):
+def test_8_diverging_loss_stops_and_keeps_the_last_good_checkpoint(run, tiny_data, tmp_path, fer_cli):
     out = link_run(run, tmp_path / "out")  # a previous run's checkpoints in the same --out
     before = snapshot(out)
-    r = run_fer("train", "--data", tiny_data, "--out", out, *FAST, "--epochs", "2", "--lr", "1e30")
-    assert_error(r.returncode, r.stderr, "at epoch 1 step ", "training diverged", "lower --lr",
-                 "peak is 1e+30; try 1e+29")
-    assert re.search(r"the loss became (nan|inf|-inf) at epoch 1 step \d+/5", r.stderr), r.stderr
+    code, _, err = fer_cli("train", "--data", tiny_data, "--out", out, *FAST, "--epochs", "2", "--lr", "1e30")
+    assert_error(code, err, "at epoch 1 step ", "training diverged", "lower --lr", "peak is 1e+30; try 1e+29")
+    assert re.search(r"the loss became (nan|inf|-inf) at epoch 1 step \d+/5", err), err
     assert snapshot(out) == before
     assert fer.load_checkpoint(out / "last.pt")["epoch"] == EPOCHS
 
@@ -404,27 +433,27 @@ def test_8_non_finite_weights_are_never_saved():
 # ----------------------------------------------------------------------------
 # 9. Output folder not writable; disk full while saving
 
-def test_9_out_not_a_folder_subprocess(tiny_data, tmp_path):
+def test_9_out_not_a_folder(tiny_data, tmp_path, fer_cli):
     blocker = tmp_path / "runs"
     blocker.write_text("a file where the output folder should go\n")
     before = snapshot(tmp_path)
-    r = run_fer("train", "--data", tiny_data, "--out", blocker / "resnet34", *FAST)
-    assert_error(r.returncode, r.stderr, f"cannot create --out folder {blocker / 'resnet34'}", "Not a directory",
+    code, _, err = fer_cli("train", "--data", tiny_data, "--out", blocker / "resnet34", *FAST)
+    assert_error(code, err, f"cannot create --out folder {blocker / 'resnet34'}", "Not a directory",
                  "choose another --out")
     assert snapshot(tmp_path) == before
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
-def test_9_disk_full_keeps_the_previous_checkpoint_subprocess(run, tiny_data, tmp_path):
+def test_9_disk_full_keeps_the_previous_checkpoint(run, tiny_data, tmp_path, fer_cli):
     """A real ENOSPC while training saves: the temporary file that fer.py writes
     before renaming it over last.pt is a link to /dev/full."""
     out = link_run(run, tmp_path / "out")  # the previous run's checkpoints
     before = snapshot(out)
     (out / ".last.pt.tmp").symlink_to("/dev/full")
-    r = run_fer("train", "--data", tiny_data, "--out", out, *FAST, "--epochs", "1", "--threads", "1")
-    assert_error(r.returncode, r.stderr, f"cannot write checkpoint {out / 'last.pt'}", "No space left on device",
+    code, stdout, err = fer_cli("train", "--data", tiny_data, "--out", out, *FAST, "--epochs", "1", "--threads", "1")
+    assert_error(code, err, f"cannot write checkpoint {out / 'last.pt'}", "No space left on device",
                  "free disk space")
-    assert "epoch   1/1" in r.stdout  # it failed while saving, not before
+    assert "epoch   1/1" in stdout  # it failed while saving, not before
     assert not (out / ".last.pt.tmp").is_symlink()  # the temporary file is cleaned up
     assert snapshot(out) == before  # last.pt and best.pt untouched
     assert fer.load_checkpoint(out / "last.pt")["epoch"] == EPOCHS

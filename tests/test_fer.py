@@ -1,5 +1,9 @@
 """End to end: fer.py train / validate / test / bench on a tiny ImageFolder, the
-in-memory data pipeline, and torchrun."""
+in-memory data pipeline, and torchrun.
+
+The commands run in this process (`main_in_process`, `fer_main`): starting Python
+and torch costs seconds per run on a small, shared CPU. What needs processes of its
+own (torchrun, a resume in a fresh process) or takes long is marked slow."""
 import argparse
 import json
 import re
@@ -13,9 +17,7 @@ import torch.nn.functional as F
 from torchvision.datasets import ImageFolder
 
 import fer
-from conftest import ROOT, run_fer
-
-FAST = ("--model", "resnet34", "--image-size", "32", "--batch-size", "4")
+from conftest import FAST, ROOT, main_in_process, run_fer
 
 
 def state_dicts_equal(a, b):
@@ -23,12 +25,10 @@ def state_dicts_equal(a, b):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
-    """One 2-epoch run, shared by the tests that only read its checkpoint."""
-    out = tmp_path_factory.mktemp("run")
-    r = run_fer("train", "--data", tiny_data, *FAST, "--epochs", "2", "--out", out)
-    assert r.returncode == 0, r.stderr
-    return out, r.stdout
+def trained(tiny_run):
+    """One 2-epoch run (conftest's, shared with test_errors), for the tests that only
+    read its checkpoint: (its folder, its stdout)."""
+    return tiny_run
 
 
 def test_train_writes_best_and_last(trained):
@@ -46,8 +46,8 @@ def assert_validate_matches_training(out):
     """`validate` rebuilds the run's split (8 images a class, 10% held out: one per
     class) and finds the validation metrics that training saved."""
     ckpt = fer.load_checkpoint(out / "last.pt")
-    r = run_fer("validate", "--checkpoint", out / "last.pt", "--json", out / "val.json")
-    assert r.returncode == 0, r.stderr
+    code, _, err = main_in_process("validate", "--checkpoint", out / "last.pt", "--json", out / "val.json")
+    assert code == 0, err
     val = json.loads((out / "val.json").read_text())
     assert sum(val["per_class"][c]["support"] for c in val["classes"]) == 3
     assert val["accuracy"] == pytest.approx(ckpt["val_metrics"]["accuracy"])
@@ -80,9 +80,10 @@ def test_validate_tta_scores_the_views_of_the_validation_split(trained, monkeypa
 
 def test_test_writes_the_json_report(trained, tiny_data):
     out, _ = trained
-    r = run_fer("test", "--checkpoint", out / "best.pt", "--data", tiny_data, "--json", out / "test.json")
-    assert r.returncode == 0, r.stderr
-    assert "macro avg" in r.stdout and "rows: true" in r.stdout
+    code, stdout, err = main_in_process("test", "--checkpoint", out / "best.pt", "--data", tiny_data,
+                                        "--json", out / "test.json")
+    assert code == 0, err
+    assert "macro avg" in stdout and "rows: true" in stdout
     res = json.loads((out / "test.json").read_text())
     assert res["classes"] == ["angry", "happy", "sad"]
     assert {"accuracy", "macro_f1", "per_class", "confusion_matrix"} <= res.keys()
@@ -92,15 +93,18 @@ def test_test_writes_the_json_report(trained, tiny_data):
     assert res["accuracy"] == pytest.approx(cm.diag().sum().item() / 12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule, mixup", [("onecycle", "0"), ("plateau", "0"), ("onecycle", "0.4")])
 def test_resume_continues_to_the_same_weights(schedule, mixup, tiny_data, tmp_path):
     """A run stopped after epoch 1 and resumed ends exactly like an uninterrupted
     one, whether its schedule steps per batch or per epoch, and with mixup's
-    random blends."""
+    random blends. The two runs it is checked against run in this process, one
+    thread each as in the subprocess; the resume runs in a fresh process, so it
+    cannot lean on anything the first epoch left in memory (random state above all)."""
     args = ("--data", tiny_data, *FAST, "--epochs", "2", "--no-amp", "--schedule", schedule, "--mixup", mixup)
-    assert run_fer("train", *args, "--out", tmp_path / "full").returncode == 0
-    r = run_fer("train", *args, "--out", tmp_path / "cut", "--dry-run")
-    assert r.returncode == 0 and fer.load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1
+    assert main_in_process("train", *args, "--out", tmp_path / "full")[0] == 0
+    code, _, err = main_in_process("train", *args, "--out", tmp_path / "cut", "--dry-run")
+    assert code == 0 and fer.load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1, err
     if mixup == "0":  # a run saved before --mixup existed resumes as one without it
         ckpt = fer.load_checkpoint(tmp_path / "cut" / "last.pt")
         del ckpt["args"]["mixup"]
@@ -118,6 +122,7 @@ def test_resume_continues_to_the_same_weights(schedule, mixup, tiny_data, tmp_pa
     assert rates[0] == rates[1] and len(rates[0]) == 2
 
 
+@pytest.mark.slow  # five epochs
 def test_plateau_steps_once_an_epoch_on_validation(tiny_data, tmp_path, monkeypatch, fer_main):
     """In a run, with no patience, every epoch that brings no new best validation
     Macro-F1 halves the rate of the next one (the epoch lines log the rate)."""
@@ -179,11 +184,12 @@ def test_mixup_loss_is_the_blend_of_both_labels_losses(monkeypatch):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loss = fer.train_one_epoch(model, [(x, y)], 1, optimizer, scheduler, scaler, criterion,
-                               fer.Runtime(torch.device("cpu")), epoch=1, alpha=0.4)
+    loss, _ = fer.train_one_epoch(model, [(x, y)], 1, optimizer, scheduler, scaler, criterion,
+                                  fer.Runtime(torch.device("cpu")), epoch=1, alpha=0.4)
     assert loss == pytest.approx(expected.item())
 
 
+@pytest.mark.slow  # two runs; the blend itself is checked above, without one
 def test_train_mixes_every_batch(tiny_data, tmp_path, monkeypatch, fer_main):
     """--mixup ALPHA reaches every training step; 0 leaves the batches alone."""
     calls = []
@@ -228,22 +234,24 @@ def test_split_is_stratified_seeded_and_disjoint():
 def test_train_never_reads_the_test_split(tiny_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_data / "train", data / "train")  # no test/ at all
-    r = run_fer("train", "--data", data, *FAST, "--epochs", "1", "--out", tmp_path / "run")
-    assert r.returncode == 0, r.stderr
-    r = run_fer("validate", "--checkpoint", tmp_path / "run" / "last.pt")
-    assert r.returncode == 0, r.stderr
+    code, _, err = main_in_process("train", "--data", data, *FAST, "--epochs", "1", "--out", tmp_path / "run")
+    assert code == 0, err
+    code, _, err = main_in_process("validate", "--checkpoint", tmp_path / "run" / "last.pt")
+    assert code == 0, err
 
 
+@pytest.mark.slow  # builds and trains the network four to six times
 def test_bench_prints_figures(tiny_data):
-    r = run_fer("bench", *FAST, "--report-size", "32", "--steps", "2", "--data", tiny_data, "--workers", "0")
-    assert r.returncode == 0, r.stderr
-    rows = re.findall(r"(\d+)px +(\w+) +channels_last=(\w+) +train +[\d.]+ img/s +infer +[\d.]+ img/s", r.stdout)
+    code, stdout, err = main_in_process("bench", *FAST, "--report-size", "32", "--steps", "1", "--data", tiny_data,
+                                        "--workers", "0")
+    assert code == 0, err
+    rows = re.findall(r"(\d+)px +(\w+) +channels_last=(\w+) +train +[\d.]+ img/s +infer +[\d.]+ img/s", stdout)
     # the report's and ours at 32 px, then every precision x layout pair at 32 px: 2 x 2, or 1 x 2
     # where the CPU has no bfloat16 instructions
     assert rows[:2] == [("32", "float32", "False"), ("32", rows[-1][1], rows[-1][2])]
     assert len(rows) == 2 + len(set(rows[2:])) and len(rows) in (4, 6)
     assert ("32", "float32", "False") in rows[2:] and ("32", "float32", "True") in rows[2:]
-    assert "threads" in r.stdout and "x training" in r.stdout
+    assert "threads" in stdout and "x training" in stdout
 
 
 def test_every_option_states_its_default():
@@ -255,6 +263,7 @@ def test_every_option_states_its_default():
                 assert "default" in (action.help or ""), f"{name} {action.option_strings[0]}"
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_validate(tiny_data, tmp_path):
     """DDP on CPU (gloo): rank 0 prints and writes the checkpoint, --resume works
     under torchrun, and the validation metrics, computed over the whole split, equal
@@ -273,11 +282,11 @@ def test_torchrun_two_processes_match_validate(tiny_data, tmp_path):
     assert ckpt["epoch"] == 2 and not any(k.startswith("module.") for k in ckpt["state_dict"])
 
 
-def test_resume_refuses_options_it_would_ignore(trained):
+def test_resume_refuses_options_it_would_ignore(trained, fer_cli):
     out, _ = trained
-    r = run_fer("train", "--resume", out / "last.pt", "--lr", "0.1", "--epochs", "9")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "--epochs, --lr" in r.stderr and "new run" in r.stderr
+    code, _, err = fer_cli("train", "--resume", out / "last.pt", "--lr", "0.1", "--epochs", "9")
+    assert code == 2 and "Traceback" not in err
+    assert "--epochs, --lr" in err and "new run" in err
 
 
 def test_hidden_files_in_class_folders_are_not_images(tiny_data, tmp_path):
@@ -302,21 +311,22 @@ def test_a_folder_of_links_picks_some_classes(tiny_data, tmp_path):
 
 def test_report_pipeline_trains_on_grayscale(tiny_data, tmp_path):
     """--pipeline pil: the report's per-image PIL transforms, here with one channel."""
-    r = run_fer("train", "--data", tiny_data, *FAST, "--epochs", "1", "--pipeline", "pil", "--in-channels", "1",
-                "--workers", "0", "--no-amp", "--out", tmp_path)
-    assert r.returncode == 0, r.stderr
+    code, _, err = main_in_process("train", "--data", tiny_data, *FAST, "--epochs", "1", "--pipeline", "pil",
+                                   "--in-channels", "1", "--workers", "0", "--no-amp", "--out", tmp_path)
+    assert code == 0, err
     assert fer.load_checkpoint(tmp_path / "last.pt")["in_channels"] == 1
 
 
 FER5 = ROOT.parent / "shared" / "data" / "fer5"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (FER5 / "test").is_dir(), reason="needs ../shared/data/fer5")
 @pytest.mark.parametrize("net, tta", [("resnet34", "none"), ("googlenet", "none"), ("googlenet", "flip")])
 def test_shipped_checkpoint_reproduces_its_metrics(net, tta, tmp_path):
     # resnet34_tencrop.json is left out: ten views at 224 px take minutes on 2 cores
-    r = run_fer("test", "--checkpoint", ROOT / "checkpoints" / f"{net}.pt", "--data", FER5, "--tta", tta,
-                "--json", tmp_path / "m.json")
-    assert r.returncode == 0, r.stderr
+    code, _, err = main_in_process("test", "--checkpoint", ROOT / "checkpoints" / f"{net}.pt", "--data", FER5,
+                                   "--tta", tta, "--json", tmp_path / "m.json")
+    assert code == 0, err
     shipped = ROOT / "checkpoints" / (f"{net}.json" if tta == "none" else f"{net}_{tta}.json")
     assert (tmp_path / "m.json").read_text() == shipped.read_text()

@@ -1,10 +1,13 @@
 """Using a trained model: `predict`, test-time augmentation and `test --save-dir`'s pictures.
 
-One tiny checkpoint is trained per module (seconds); the CLI runs in subprocesses as a
-user runs it, TTA and the drawing functions are checked in-process.
+One tiny checkpoint, trained in this process (conftest's `tiny_run`); the CLI runs
+in this process and, for `predict`'s table and JSON, also in a subprocess as a user
+runs it (marked slow: starting Python and torch costs seconds); TTA and the drawing
+functions are checked in-process.
 """
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ from PIL import Image, ImageFont
 
 import fer
 import nets
-from conftest import CLASSES, run_fer
+from conftest import CLASSES, ROOT, main_in_process
 
 # The shared CPU also runs a long training: one thread each, or intra-op threads
 # spinning against it made a one-epoch run 30x slower.
@@ -29,14 +32,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    # --no-amp: bfloat16 autocast on CPU blew 4-image batches up to NaN weights, which
-    # is not what is tested here.
-    r = run_fer("train", "--data", tiny_data, "--model", "resnet34", "--image-size", "32", "--batch-size", "4",
-                "--epochs", "1", "--out", out, "--no-amp", *THREADS)
-    assert r.returncode == 0, r.stderr
-    return out / "best.pt"
+def checkpoint(tiny_run):
+    """conftest's shared run (resnet34 at 32 px, --no-amp: bfloat16 autocast on CPU
+    blew 4-image batches up to NaN weights, which is not what is tested here)."""
+    return tiny_run[0] / "best.pt"
 
 
 def noise(mode, size, seed=0):
@@ -72,14 +71,14 @@ def images(tmp_path_factory):
     return [root / name for name in files], folder, [folder / "la.png", folder / "sub" / "bw.bmp"]
 
 
-def test_predict_table_and_json(checkpoint, images, tmp_path):
+def test_predict_table_and_json(checkpoint, images, tmp_path, fer_cli):
     files, folder, in_folder = images
     out = tmp_path / "predictions.json"
     # in_folder[1] is also named on its own: one row all the same
-    r = run_fer("predict", "--checkpoint", checkpoint, *files, folder, in_folder[1],
-                "--json", out, "--top", "2", *THREADS)
-    assert r.returncode == 0, r.stderr
-    header, *rows = r.stdout.splitlines()
+    code, stdout, err = fer_cli("predict", "--checkpoint", checkpoint, *files, folder, in_folder[1],
+                                "--json", out, "--top", "2", *THREADS)
+    assert code == 0, err
+    header, *rows = stdout.splitlines()
     expected = [str(f) for f in files + in_folder]
     assert header.split() == ["file", "predicted", *CLASSES]
     assert [row.split()[0] for row in rows] == expected
@@ -103,9 +102,9 @@ def test_predict_table_and_json(checkpoint, images, tmp_path):
 
 def test_predict_tencrop_and_top_above_classes(checkpoint, images, tmp_path):
     out = tmp_path / "p.json"
-    r = run_fer("predict", "--checkpoint", checkpoint, images[0][0], "--tta", "tencrop", "--top", "10",
-                "--json", out, *THREADS)
-    assert r.returncode == 0, r.stderr
+    code, _, err = main_in_process("predict", "--checkpoint", checkpoint, images[0][0], "--tta", "tencrop",
+                                   "--top", "10", "--json", out, *THREADS)
+    assert code == 0, err
     result = json.loads(out.read_text())
     assert result["tta"] == "tencrop"
     assert [len(p["top"]) for p in result["predictions"]] == [len(CLASSES)]
@@ -165,9 +164,9 @@ def mistakes_size(shown, tile=128, font_size=14):
 
 
 def test_test_save_dir_writes_metrics_and_pictures(checkpoint, tiny_data, tmp_path):
-    r = run_fer("test", "--checkpoint", checkpoint, "--data", tiny_data, "--save-dir", tmp_path / "out",
-                "--tta", "flip", "--mistakes", "5", *THREADS)
-    assert r.returncode == 0, r.stderr
+    code, _, err = main_in_process("test", "--checkpoint", checkpoint, "--data", tiny_data,
+                                   "--save-dir", tmp_path / "out", "--tta", "flip", "--mistakes", "5", *THREADS)
+    assert code == 0, err
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert m["classes"] == list(CLASSES) and m["tta"] == "flip"
     cm = torch.tensor(m["confusion_matrix"])
@@ -209,3 +208,18 @@ def test_predict_refuses_another_normalisation(checkpoint, images, tmp_path, cap
     with pytest.raises(SystemExit) as e:
         fer.main(["predict", "--checkpoint", str(tmp_path / "other.pt"), str(images[0][0]), *THREADS])
     assert e.value.code == 2 and "normalises with 0.5" in capsys.readouterr().err
+
+
+def test_predict_samples_with_the_shipped_checkpoint_and_its_picture(tmp_path, fer_main):
+    """The README's first command: no --checkpoint, the shipped five-class network;
+    one row per sample face, and predictions.png with --save-dir."""
+    code, out, err = fer_main("predict", ROOT / "samples", "--save-dir", tmp_path, "--json", tmp_path / "p.json",
+                              "--threads", "1")
+    assert code == 0, err
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert res["arch"] == "resnet34" and res["classes"] == ["angry", "happy", "neutral", "sad", "surprise"]
+    names = sorted(Path(r["file"]).name for r in res["predictions"])
+    assert len(names) == 15 and names[0] == "angry_1.png" and "README.md" not in names
+    assert sum(Path(r["file"]).name.split("_")[0] == r["prediction"] for r in res["predictions"]) >= 8
+    with Image.open(tmp_path / "predictions.png") as img:
+        assert img.size[0] > 3 * 112 and img.size[1] > 5 * 112  # 3 cards a row, 5 rows
