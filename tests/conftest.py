@@ -53,6 +53,15 @@ def tiny_data(tmp_path_factory):
     return root
 
 
+def exit_status(args):
+    """fer.main(ARGS)'s exit status: 0, or the one it exits with."""
+    try:
+        fer.main([str(a) for a in args])
+        return 0
+    except SystemExit as e:
+        return e.code
+
+
 def main_in_process(*args, cwd=None):
     """fer.main(ARGS) in this process, as `run_fer` runs it in a subprocess (one
     thread unless --threads says otherwise, in `cwd`): (exit status, stdout,
@@ -65,11 +74,7 @@ def main_in_process(*args, cwd=None):
         if cwd is not None:
             os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                fer.main([str(a) for a in args])
-                code = 0
-            except SystemExit as e:
-                code = e.code
+            code = exit_status(args)
     finally:
         os.chdir(here)
         torch.set_num_threads(threads)
@@ -109,10 +114,7 @@ def fer_main(capsys, monkeypatch):
         capsys.readouterr()
         threads = torch.get_num_threads()  # fer.main sets them for its run
         try:
-            fer.main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code
+            code = exit_status(args)
         finally:
             torch.set_num_threads(threads)
         out, err = capsys.readouterr()
