@@ -309,6 +309,7 @@ def test_a_folder_of_links_picks_some_classes(tiny_data, tmp_path):
     assert torch.equal(faces.images, fer.load_faces(tiny_data / "train", 32, 1).images[[*range(8), *range(16, 24)]])
 
 
+@pytest.mark.slow  # a training run of its own; the in-memory pipeline trains in the quick tests
 def test_report_pipeline_trains_on_grayscale(tiny_data, tmp_path):
     """--pipeline pil: the report's per-image PIL transforms, here with one channel."""
     code, _, err = main_in_process("train", "--data", tiny_data, *FAST, "--epochs", "1", "--pipeline", "pil",
