@@ -311,7 +311,8 @@ def source_files(src):
     """(name, read) of every file in a folder or archive: `name` is its path inside
     SRC and `read()` returns its bytes."""
     if src.is_dir():
-        return [(p.relative_to(src).as_posix(), p.read_bytes) for p in sorted(src.rglob("*")) if p.is_file()]
+        return [(p.relative_to(src).as_posix(), safely(p.read_bytes, p, "the folder"))
+                for p in sorted(src.rglob("*")) if p.is_file()]
     return archive_files(str(src), open(src, "rb"))
 
 
@@ -319,25 +320,27 @@ def source_files(src):
 DAMAGED = (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error)
 
 
+def safely(read, member, source):
+    """`read`, with a damaged download's error turned into one line naming the member."""
+    def call():
+        try:
+            return read()
+        except DAMAGED as e:
+            raise FerError(f"cannot read {member} from {source} ({e or type(e).__name__}); the download "
+                           "is damaged or incomplete: download it again") from None
+    return call
+
+
 def archive_files(name, opened, nested=True):
     """(name, read) of every file in a .zip or a .tar(.gz), read in place; an archive
     inside (Kaggle's zip holds fer2013.tar.gz) is opened in memory, never unpacked."""
-    def safely(read, member):
-        def call():
-            try:
-                return read()
-            except DAMAGED as e:
-                raise FerError(f"cannot read {member} from {name} ({e or type(e).__name__}); the download "
-                               "is damaged or incomplete: download it again") from None
-        return call
-
     try:
         if name.lower().endswith(".zip"):
             z = zipfile.ZipFile(opened)
-            files = [(i.filename, safely(lambda i=i: z.read(i), i.filename)) for i in z.infolist() if not i.is_dir()]
+            files = [(i.filename, safely(lambda i=i: z.read(i), i.filename, name)) for i in z.infolist() if not i.is_dir()]
         else:
             t = tarfile.open(fileobj=opened)  # any compression
-            files = [(m.name, safely(lambda m=m: t.extractfile(m).read(), m.name)) for m in t.getmembers() if m.isfile()]
+            files = [(m.name, safely(lambda m=m: t.extractfile(m).read(), m.name, name)) for m in t.getmembers() if m.isfile()]
     except DAMAGED as e:
         raise FerError(f"cannot read {name} ({e or type(e).__name__}); the download is damaged or "
                        "incomplete: download it again") from None
@@ -464,8 +467,9 @@ def prepare_from_images(images, manifest, tmp):
                 img.load()
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise FerError(f"cannot read image {name} ({e}); the download is damaged: download it again") from None
-        folder = "train" if split == "train" else USAGE_FOLDERS.get(file.split("_")[0])
-        if folder is None or (split == "test") != (folder != "train"):
+        test_folders = {u: f for u, f in USAGE_FOLDERS.items() if u != "Training"}
+        folder = "train" if split == "train" else test_folders.get(file.split("_")[0])
+        if folder is None:
             raise FerError(f"{name}: cannot tell its FER2013 split (the image-folder copy names test faces "
                            "PublicTest_* or PrivateTest_*, training faces Training_*); use that copy or the CSV")
         write_face(tmp / "fer2013" / folder / cls / file, data)
