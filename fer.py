@@ -80,7 +80,7 @@ RECIPES = {"ours": OURS, "report": REPORT}
 # Defaults of the `train` options that a recipe does not set.
 TRAIN_DEFAULTS = dict(schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, balanced=False, in_channels=3,
                       crop_scale=0.5, rotation=10.0, erasing=0.25, mixup=0.0, val_fraction=0.1, seed=0,
-                      pipeline="tensor", skip_bad_images=False)
+                      pipeline="tensor", skip_bad_images=False, classes=None)
 # Beta(alpha, alpha)'s float32 sampler underflows below an alpha of about 0.005 and then
 # draws 0.5, the strongest blend, when a tiny alpha means "almost none": refuse those.
 MIXUP_MIN_ALPHA = 0.01
@@ -120,18 +120,25 @@ class Faces:
     files: list
 
 
-def scan_folder(root):
+def scan_folder(root, only=None):
     """Class names and (file, label) lists of an ImageFolder-style tree.
 
     Like torchvision's ImageFolder: one sub-folder per class, sorted by name, files
     found recursively; extensions compare case-insensitively, other files are
-    ignored (and counted) rather than failing the run.
+    ignored (and counted) rather than failing the run. `only` keeps some of the
+    class folders (train --classes), so one copy of a data set serves any subset.
     """
     root = Path(root)
     if not root.is_dir():
         raise FerError(f"{root} is not a folder; --data DIR needs DIR/train/<class>/ "
                        "and DIR/test/<class>/ folders of images")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if only:
+        unknown = sorted(set(only) - set(classes))
+        if unknown:
+            raise FerError(f"{root} has no class folder {', '.join(unknown)}; --classes takes some of "
+                           f"{', '.join(classes) or 'its class folders (it has none)'}")
+        classes = sorted(only)
     if len(classes) < 2:
         raise FerError(f"{root} has {len(classes)} class folder(s); put the images of "
                        "each class (at least two) in a sub-folder named after it")
@@ -169,10 +176,10 @@ def read_image(path, size, in_channels):
     return image_transform(size)(open_image(path, in_channels))
 
 
-def load_faces(root, size, in_channels, skip_bad=False, limit=None):
-    """Decode every image under `root` once; later epochs never touch a JPEG.
-    `limit` takes an evenly spaced subset (for `bench`)."""
-    classes, files, labels = scan_folder(root)
+def load_faces(root, size, in_channels, skip_bad=False, limit=None, classes=None):
+    """Decode every image under `root` (of `classes`, default all) once; later epochs
+    never touch a JPEG. `limit` takes an evenly spaced subset (for `bench`)."""
+    classes, files, labels = scan_folder(root, classes)
     if limit and limit < len(files):
         keep = torch.linspace(0, len(files) - 1, limit).long().tolist()
         files, labels = [files[i] for i in keep], [labels[i] for i in keep]
@@ -305,6 +312,28 @@ ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz")
 FACE_SIDE = 48
 # The fer5 split, face by face (file, SHA-256, fer2013.csv row): shipped beside fer.py.
 MANIFEST = Path(__file__).resolve().parent / "data" / "fer5_manifest.csv"
+
+
+# FER+'s ten vote columns (Barsoum et al. 2016, in the manifest as ferplus_<name>) and
+# the class folder each one means; "unknown" and "NF" (not a face) name no expression.
+FERPLUS_CLASSES = {"neutral": "neutral", "happiness": "happy", "surprise": "surprise", "sadness": "sad",
+                   "anger": "angry", "disgust": "disgust", "fear": "fear", "contempt": "contempt",
+                   "unknown": None, "NF": None}
+
+
+def ferplus_majority(row):
+    """(class, None) when more than half of a manifest row's FER+ votes chose one
+    expression, else (None, why). A plurality is not enough: FER+'s own "majority"
+    scheme keeps a label only when most of the ten annotators agree on it."""
+    votes = {k: int(row.get(f"ferplus_{k}") or 0) for k in FERPLUS_CLASSES}
+    top = max(votes, key=votes.get)
+    if not any(votes.values()):
+        return None, "FER+ has no votes for it"
+    if 2 * votes[top] <= sum(votes.values()):
+        return None, "no expression has more than half of its FER+ votes"
+    if FERPLUS_CLASSES[top] is None:
+        return None, f"most FER+ votes say {'not a face' if top == 'NF' else 'unknown'}"
+    return FERPLUS_CLASSES[top], None
 
 
 def source_files(src):
@@ -935,7 +964,7 @@ def cmd_prepare(args):
 
 TRAIN_OPTIONS = ("model", "recipe", "epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay",
                  "label_smoothing", "balanced", "image_size", "in_channels", "crop_scale", "rotation",
-                 "erasing", "mixup", "val_fraction", "seed", "pipeline", "skip_bad_images")
+                 "erasing", "mixup", "val_fraction", "seed", "pipeline", "skip_bad_images", "classes")
 # What a checkpoint's `args` records: the training options and where the run read and wrote.
 RUN_OPTIONS = TRAIN_OPTIONS + ("data", "out", "amp", "channels_last")
 # What `--resume` needs beyond CHECKPOINT_KEYS (best.pt and exports drop the first three).
@@ -954,6 +983,7 @@ def resolve_train_args(args):
                            f"{args.model}; drop --model or resume a {args.model} checkpoint")
         ckpt["args"].setdefault("mixup", 0.0)  # runs saved before --mixup existed had none
         ckpt["args"].setdefault("recipe", "ours")  # nor a recipe other than ours
+        ckpt["args"].setdefault("classes", None)  # nor a subset of the class folders
         missing = [k for k in RESUME_KEYS if k not in ckpt] + [k for k in TRAIN_OPTIONS if k not in ckpt["args"]]
         if missing:
             raise FerError(f"--resume {args.resume} has no training state ({', '.join(missing)}); "
@@ -988,7 +1018,7 @@ def training_data(args, ckpt, rt):
     if not os.access(out, os.W_OK):
         raise FerError(f"--out folder {out} is not writable; choose another --out")
     t0 = time.time()
-    faces = load_faces(train_dir, args.image_size, args.in_channels, args.skip_bad_images)
+    faces = load_faces(train_dir, args.image_size, args.in_channels, args.skip_bad_images, classes=args.classes)
     if ckpt is not None:
         check_classes(ckpt, faces.classes, train_dir)
     train_idx, val_idx = split_train_val(faces.labels, args.val_fraction, args.seed)
@@ -1102,7 +1132,8 @@ def cmd_validate(args):
     ckpt, rt, model = evaluation_setup(args)
     a = ckpt["args"]
     train_dir = split_folder(args.data or a["data"], "train")
-    faces = load_faces(train_dir, ckpt["image_size"], ckpt["in_channels"], a["skip_bad_images"])
+    faces = load_faces(train_dir, ckpt["image_size"], ckpt["in_channels"], a["skip_bad_images"],
+                       classes=a.get("classes"))
     check_classes(ckpt, faces.classes, train_dir)
     _, val_idx = split_train_val(faces.labels, a["val_fraction"], a["seed"])
     cm, _ = evaluate(model, faces, val_idx, rt, args.batch_size, args.tta)
@@ -1157,19 +1188,60 @@ def make_folder(path, option):
         raise FerError(f"cannot create {option} folder {path} ({reason}); choose another {option}") from None
 
 
+def ferplus_rescore(faces, probs, manifest):
+    """`test --labels ferplus`: the faces the manifest gives a clear FER+ majority of
+    the checkpoint's classes, relabelled with it, and their probabilities. Logs the
+    faces left out and why, and how many of the model's mistakes against FER2013's
+    labels are faces where the crowd chose the model's answer; returns them for the JSON."""
+    # By FER2013's label and file name without extension (`prepare` writes PNGs from a CSV)
+    rows = {(m["class"], Path(m["file"]).stem): m for m in read_manifest(manifest)}
+    if "ferplus_neutral" not in next(iter(rows.values())):
+        raise FerError(f"the manifest {manifest} has no FER+ votes (ferplus_* columns); "
+                       "use the shipped data/fer5_manifest.csv")
+    labels, left_out = torch.full_like(faces.labels, -1), {}
+    for i, f in enumerate(faces.files):
+        row = rows.get((faces.classes[faces.labels[i]], Path(f).stem))
+        label, why = ferplus_majority(row) if row else (None, "not in the manifest")
+        if label is not None and label not in faces.classes:
+            label, why = None, "the FER+ majority is a class the checkpoint lacks"
+        if label is None:
+            left_out[why] = left_out.get(why, 0) + 1
+        else:
+            labels[i] = faces.classes.index(label)
+    keep = labels >= 0
+    if not keep.any():
+        raise FerError(f"none of the {len(labels)} test faces has a clear FER+ majority in {manifest} "
+                       "(faces are matched by class and file name); --labels ferplus needs fer5's or FER2013's test faces")
+    pred = probs.argmax(1)
+    wrong = pred != faces.labels
+    sided = int((wrong & (pred == labels)).sum())
+    log(f"labels: the FER+ majority, for {int(keep.sum())} of {len(labels)} faces; left out: "
+        + ("; ".join(f"{n} ({why})" for why, n in left_out.items()) or "none"))
+    log(f"against FER2013's labels the model makes {int(wrong.sum())} mistakes on the {len(labels)} faces; "
+        f"on {sided} of them the FER+ majority chose the model's answer")
+    extra = dict(labels="ferplus", faces_scored=int(keep.sum()), left_out=left_out,
+                 fer2013_label_mistakes=int(wrong.sum()), mistakes_where_ferplus_agrees_with_model=sided)
+    scored = replace(faces, images=faces.images[keep], labels=labels[keep],
+                     files=[f for f, k in zip(faces.files, keep) if k])
+    return scored, probs[keep], extra
+
+
 def cmd_test(args):
     """The full metrics report on DIR/test: the only command that reads it."""
     ckpt, rt, model = evaluation_setup(args)
     test_dir = split_folder(args.data, "test")
     faces = load_faces(test_dir, ckpt["image_size"], ckpt["in_channels"], args.skip_bad_images)
     check_classes(ckpt, faces.classes, test_dir)
-    idx = torch.arange(len(faces.labels))
-    cm, probs = evaluate(model, faces, idx, rt, args.batch_size, args.tta)
+    cm, probs = evaluate(model, faces, torch.arange(len(faces.labels)), rt, args.batch_size, args.tta)
+    log(f"{ckpt['arch']} (epoch {ckpt.get('epoch')}) on {test_dir}: {len(faces.labels)} images, tta {args.tta}")
+    extra = dict(labels="fer2013")
+    if args.labels == "ferplus":
+        faces, probs, extra = ferplus_rescore(faces, probs, args.manifest)
+        cm = metrics.confusion_matrix(faces.labels, probs.argmax(1), len(faces.classes))
     m = metrics.classification_metrics(cm)
-    log(f"{ckpt['arch']} (epoch {ckpt.get('epoch')}) on {test_dir}: {len(idx)} images, tta {args.tta}")
     log(metrics.format_report(m, faces.classes))
     log(metrics.format_confusion_matrix(cm, faces.classes))
-    results = results_dict(ckpt, faces.classes, m, cm, args.tta)
+    results = {**results_dict(ckpt, faces.classes, m, cm, args.tta), **extra}
     write_json(args.json, results)
     if args.save_dir:
         save_dir = Path(args.save_dir)
@@ -1543,6 +1615,15 @@ def mixup_alpha(text):
     return alpha
 
 
+def class_list(text):
+    """--classes: comma-separated class folder names, at least two, each once."""
+    names = [n.strip() for n in text.split(",")]
+    if any(not n for n in names) or len(set(names)) != len(names) or len(names) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of two or more different class folder "
+                                         "names separated by commas (e.g. angry,happy,neutral,sad,surprise)")
+    return names
+
+
 def recipe_table():
     """`train --help`'s table of both recipes, made from RECIPES so it cannot drift."""
     rows = [("network", "recipe", "optimizer", "lr", "batch", "epochs", "size", "schedule", "augmentation, loss")]
@@ -1638,6 +1719,9 @@ def add_train(sub):
                    help="blend pairs of training images and their labels by a weight drawn from "
                         f"Beta(ALPHA, ALPHA), {MIXUP_MIN_ALPHA:g} to 100; the paper used 0.1-0.4 on ImageNet; "
                         f"0 turns it off (default: {D['mixup']})")
+    t.add_argument("--classes", type=class_list, metavar="A,B,...",
+                   help="train on these class folders of DATA/train only, e.g. --data data/fer2013 --classes "
+                        "angry,happy,neutral,sad,surprise (default: every class folder)")
     t.add_argument("--val-fraction", type=number(float, 0, 1, True, True),
                    help=f"share of each class of train/ held out for validation (default: {D['val_fraction']})")
     t.add_argument("--seed", type=int, help=f"seed of the split, the initialisation and the batches (default: {D['seed']})")
@@ -1667,6 +1751,12 @@ def add_evaluation(sub):
     s.add_argument("--mistakes", type=number(int, 1), default=32,
                    help="how many mistakes mistakes.png shows (default: %(default)s)")
     s.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images (default: off)")
+    s.add_argument("--labels", choices=["fer2013", "ferplus"], default="fer2013",
+                   help="score against the folders' (FER2013's) labels, or against the FER+ crowd majority "
+                        "(more than half of ten votes) of each face that the manifest gives one, matched by class and "
+                        "file name; prints how many faces it used (default: %(default)s)")
+    s.add_argument("--manifest", default=MANIFEST,
+                   help="the manifest with the FER+ votes (default: data/fer5_manifest.csv beside fer.py)")
     s.set_defaults(func=cmd_test)
 
 
