@@ -46,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image, ImageDraw, ImageFont
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 import metrics
@@ -79,7 +80,7 @@ REPORT["resnet50"] = REPORT["resnet101"] = REPORT["resnet34"]  # the report trai
 RECIPES = {"ours": OURS, "report": REPORT}
 # Defaults of the `train` options that a recipe does not set.
 TRAIN_DEFAULTS = dict(schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, balanced=False, in_channels=3,
-                      crop_scale=0.5, rotation=10.0, erasing=0.25, mixup=0.0, val_fraction=0.1, seed=0,
+                      crop_scale=0.5, rotation=10.0, erasing=0.25, mixup=0.0, ema=None, val_fraction=0.1, seed=0,
                       pipeline="tensor", skip_bad_images=False)
 # Beta(alpha, alpha)'s float32 sampler underflows below an alpha of about 0.005 and then
 # draws 0.5, the strongest blend, when a tiny alpha means "almost none": refuse those.
@@ -611,22 +612,25 @@ def save_checkpoint(state, path):
 
 
 def weights_only(state):
-    """A checkpoint without the optimiser, scheduler and scaler state that only --resume
-    needs: what best.pt and `export` keep."""
-    return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "scaler")}
+    """A checkpoint without the optimiser, scheduler, scaler and --ema state that only
+    --resume needs: what best.pt and `export` keep."""
+    return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "scaler", "ema")}
 
 
 HISTORY_COLUMNS = ("epoch", "loss", "val_accuracy", "val_macro_f1", "lr", "seconds")
+EMA_COLUMNS = ("ema_val_accuracy", "ema_val_macro_f1")  # history.csv's two more with --ema
 
 
-def save_run(out, state, improved):
+def save_run(out, state, best):
     """After an epoch: last.pt (all that --resume needs), best.pt when validation
-    improved (weights only), history.csv and curves.png of the epochs so far."""
+    improved (`best`, weights only; else None), history.csv and curves.png of the
+    epochs so far."""
     save_checkpoint(state, out / "last.pt")
-    if improved:
-        save_checkpoint(weights_only(state), out / "best.pt")
-    rows = [",".join(HISTORY_COLUMNS)] + [",".join(f"{h[k]:.6g}" if isinstance(h[k], float) else str(h[k])
-                                                   for k in HISTORY_COLUMNS) for h in state["history"]]
+    if best is not None:
+        save_checkpoint(best, out / "best.pt")
+    columns = HISTORY_COLUMNS + tuple(k for k in EMA_COLUMNS if k in state["history"][0])
+    rows = [",".join(columns)] + [",".join(f"{h[k]:.6g}" if isinstance(h[k], float) else str(h[k])
+                                           for k in columns) for h in state["history"]]
     write_file(out / "history.csv", lambda f: f.write(("\n".join(rows) + "\n").encode()), option="--out")
     picture = draw_curves(state["history"], state["best_epoch"])
     write_file(out / "curves.png", lambda f: picture.save(f, format="PNG"), option="--out")
@@ -741,9 +745,11 @@ class Progress:
 
 
 def train_one_epoch(model, batches, steps, optimizer, scheduler, scaler, criterion, rt, epoch, alpha=0.0,
-                    progress=None):
+                    progress=None, ema=None, raw_model=None):
     """One pass over the training batches, with mixup when alpha > 0; returns the mean
-    loss and the learning rate of the last step (the scheduler has moved on since)."""
+    loss and the learning rate of the last step (the scheduler has moved on since).
+    With --ema, `ema` (an AveragedModel) follows `raw_model`, the network inside any
+    DDP or torch.compile wrapper, after every step."""
     model.train()
     total, count, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
     for step, (x, y) in enumerate(batches, 1):
@@ -763,6 +769,8 @@ def train_one_epoch(model, batches, steps, optimizer, scheduler, scaler, criteri
         lr = optimizer.param_groups[0]["lr"]
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:
+            ema.update_parameters(raw_model)
         if not isinstance(scheduler, PLATEAU):  # the plateau schedule steps once per epoch, on validation
             scheduler.step()
         total += loss.item()
@@ -935,7 +943,7 @@ def cmd_prepare(args):
 
 TRAIN_OPTIONS = ("model", "recipe", "epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay",
                  "label_smoothing", "balanced", "image_size", "in_channels", "crop_scale", "rotation",
-                 "erasing", "mixup", "val_fraction", "seed", "pipeline", "skip_bad_images")
+                 "erasing", "mixup", "ema", "val_fraction", "seed", "pipeline", "skip_bad_images")
 # What a checkpoint's `args` records: the training options and where the run read and wrote.
 RUN_OPTIONS = TRAIN_OPTIONS + ("data", "out", "amp", "channels_last")
 # What `--resume` needs beyond CHECKPOINT_KEYS (best.pt and exports drop the first three).
@@ -954,7 +962,9 @@ def resolve_train_args(args):
                            f"{args.model}; drop --model or resume a {args.model} checkpoint")
         ckpt["args"].setdefault("mixup", 0.0)  # runs saved before --mixup existed had none
         ckpt["args"].setdefault("recipe", "ours")  # nor a recipe other than ours
+        ckpt["args"].setdefault("ema", None)  # nor --ema
         missing = [k for k in RESUME_KEYS if k not in ckpt] + [k for k in TRAIN_OPTIONS if k not in ckpt["args"]]
+        missing += ["ema"] if ckpt["args"]["ema"] and "ema" not in ckpt else []
         if missing:
             raise FerError(f"--resume {args.resume} has no training state ({', '.join(missing)}); "
                            "best.pt and exports keep the weights only: resume from the run's last.pt, or train anew")
@@ -1022,14 +1032,41 @@ def training_setup(args, faces, train_idx, rt):
     return model, raw_model, optimizer, scheduler, scaler, criterion, steps
 
 
-def restore(ckpt, args, raw_model, optimizer, scheduler, scaler):
-    """--resume: the saved weights and optimiser, schedule and scaler states; returns
-    the epoch to continue after, the best figure so far, its epoch and the history."""
+def make_ema(raw_model, decay):
+    """--ema: an exponential moving average of the weights, or None. use_buffers averages
+    BatchNorm's running statistics too, so the averaged network is evaluated with
+    statistics that match its own weights, not the raw network's latest."""
+    if decay is None:
+        return None
+    return AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def restore(ckpt, args, raw_model, optimizer, scheduler, scaler, ema):
+    """--resume: the saved weights and optimiser, schedule, scaler and --ema states
+    (the average's state_dict holds its step count, n_averaged); returns the epoch to
+    continue after, the best figure so far, its epoch and the history."""
     load_weights(raw_model, ckpt["state_dict"], ckpt["arch"], args.resume)
-    for part, name in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
-        part.load_state_dict(ckpt[name])
+    for part, name in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler"), (ema, "ema")):
+        if part is not None:
+            part.load_state_dict(ckpt[name])
     log(f"resuming from {args.resume} after epoch {ckpt['epoch']} of {args.epochs}")
     return ckpt["epoch"], ckpt["best_metric"], ckpt["best_epoch"], ckpt["history"]
+
+
+def validate_epoch(raw_model, ema, faces, val_idx, rt, batch_size):
+    """Validation metrics of the raw weights and, with --ema, of the averaged ones (else None)."""
+    m = metrics.classification_metrics(evaluate(raw_model, faces, val_idx, rt, batch_size)[0])
+    if ema is None:
+        return m, None
+    return m, metrics.classification_metrics(evaluate(ema.module, faces, val_idx, rt, batch_size)[0])
+
+
+def best_checkpoint(state, ema, ema_m):
+    """What best.pt keeps: the weights only, the averaged ones (`weights: "ema"`) when
+    they validated better than the raw ones; a plain checkpoint either way."""
+    if ema is None or ema_m["macro_f1"] <= state["val_metrics"]["macro_f1"]:
+        return weights_only(state)
+    return dict(weights_only(state), state_dict=ema.module.state_dict(), weights="ema", val_metrics=ema_m)
 
 
 def cmd_train(args):
@@ -1039,9 +1076,10 @@ def cmd_train(args):
     t0 = time.time()
     faces, train_idx, val_idx = training_data(args, ckpt, rt)
     model, raw_model, optimizer, scheduler, scaler, criterion, steps = training_setup(args, faces, train_idx, rt)
+    ema = make_ema(raw_model, args.ema)  # of the raw network: DDP and compile wrap the same weights
     start, best, best_epoch, history = 0, -1.0, 0, []
     if ckpt is not None:
-        start, best, best_epoch, history = restore(ckpt, args, raw_model, optimizer, scheduler, scaler)
+        start, best, best_epoch, history = restore(ckpt, args, raw_model, optimizer, scheduler, scaler, ema)
     batches = pil_batches if args.pipeline == "pil" else tensor_batches
 
     for epoch in range(start + 1, args.epochs + 1):
@@ -1050,31 +1088,36 @@ def cmd_train(args):
         tic = time.time()
         loss, lr = train_one_epoch(model, batches(faces, train_idx, args.batch_size, args, rt, args.seed + epoch),
                                    steps, optimizer, scheduler, scaler, criterion, rt, epoch, args.mixup,
-                                   Progress(steps, args.batch_size))
+                                   Progress(steps, args.batch_size), ema, raw_model)
         seconds = time.time() - tic
         if rt.world > 1:  # BatchNorm statistics drift apart per process: validate rank 0's
-            for b in raw_model.buffers():
+            for b in itertools.chain(raw_model.buffers(), ema.buffers() if ema is not None else ()):
                 dist.broadcast(b, 0)
-        cm, _ = evaluate(raw_model, faces, val_idx, rt, args.batch_size * 2)
-        m = metrics.classification_metrics(cm)
+        m, ema_m = validate_epoch(raw_model, ema, faces, val_idx, rt, args.batch_size * 2)
         if isinstance(scheduler, PLATEAU):
             scheduler.step(m["macro_f1"])  # every process sees the same figure, so the rates stay equal
-        improved = m["macro_f1"] > best
+        kept = max(m["macro_f1"], ema_m["macro_f1"] if ema is not None else -1.0)  # best.pt keeps the better weights
+        improved = kept > best
         if improved:
-            best, best_epoch = m["macro_f1"], epoch
+            best, best_epoch = kept, epoch
         history.append(dict(epoch=epoch, loss=loss, val_accuracy=m["accuracy"], val_macro_f1=m["macro_f1"],
                             seconds=seconds, lr=lr))
+        if ema is not None:
+            history[-1].update(ema_val_accuracy=ema_m["accuracy"], ema_val_macro_f1=ema_m["macro_f1"])
         log(f"epoch {epoch:3d}/{args.epochs}  loss {loss:.4f}  val acc {m['accuracy']:.4f}  "
-            f"val macro-F1 {m['macro_f1']:.4f}  {steps * args.batch_size / seconds:6.0f} img/s  "
-            f"{seconds:5.1f} s  lr {lr:.2e}{'  *' if improved else ''}")
+            f"val macro-F1 {m['macro_f1']:.4f}  "
+            + (f"ema acc {ema_m['accuracy']:.4f}  ema macro-F1 {ema_m['macro_f1']:.4f}  " if ema is not None else "")
+            + f"{steps * args.batch_size / seconds:6.0f} img/s  {seconds:5.1f} s  lr {lr:.2e}{'  *' if improved else ''}")
         if rt.rank == 0:
             state = dict(arch=args.model, classes=faces.classes, image_size=args.image_size,
                          in_channels=args.in_channels, mean=MEAN, std=STD, epoch=epoch,
-                         state_dict=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                         state_dict=raw_model.state_dict(), weights="raw", optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                          best_metric=best, best_epoch=best_epoch, val_metrics=m, history=history,
                          args={k: getattr(args, k) for k in RUN_OPTIONS})
-            save_run(Path(args.out), state, improved)
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            save_run(Path(args.out), state, best_checkpoint(state, ema, ema_m) if improved else None)
         if args.dry_run:
             break
     log(f"best validation macro-F1 {best:.4f} at epoch {best_epoch}; checkpoints in {args.out}/ "
@@ -1286,14 +1329,17 @@ def draw_confusion_matrix(cm, classes, cell=80, font_size=16):
 
 
 def draw_curves(history, best_epoch, width=960, height=360, font_size=14):
-    """Training loss (left) and validation accuracy and Macro-F1 (right) by epoch, the
-    kept epoch (best validation Macro-F1) marked by a grey line in both."""
+    """Training loss (left) and validation accuracy and Macro-F1 (right; with --ema the
+    averaged weights' Macro-F1 too) by epoch, the kept epoch (best validation Macro-F1)
+    marked by a grey line in both."""
     img = Image.new("RGB", (width, height), "white")
     d, font = ImageDraw.Draw(img), load_font(font_size)
     epochs = [h["epoch"] for h in history]
     panels = [("training loss", [("loss", [h["loss"] for h in history], "firebrick")]),
               ("validation", [("accuracy", [h["val_accuracy"] for h in history], "steelblue"),
                               ("Macro-F1", [h["val_macro_f1"] for h in history], "darkorange")])]
+    if "ema_val_macro_f1" in history[0]:
+        panels[1][1].append(("EMA Macro-F1", [h["ema_val_macro_f1"] for h in history], "seagreen"))
     for k, (title, series) in enumerate(panels):
         plot_panel(d, (k * width // 2, 0, (k + 1) * width // 2, height), epochs, series, best_epoch, title, font)
     return img
@@ -1638,6 +1684,10 @@ def add_train(sub):
                    help="blend pairs of training images and their labels by a weight drawn from "
                         f"Beta(ALPHA, ALPHA), {MIXUP_MIN_ALPHA:g} to 100; the paper used 0.1-0.4 on ImageNet; "
                         f"0 turns it off (default: {D['mixup']})")
+    t.add_argument("--ema", type=number(float, 0, 1, True, True), metavar="DECAY",
+                   help="also keep an exponential moving average of the weights and BatchNorm statistics, "
+                        "updated after every step with this decay (e.g. 0.999); validated each epoch beside "
+                        "the raw weights, and best.pt keeps whichever is better (default: off)")
     t.add_argument("--val-fraction", type=number(float, 0, 1, True, True),
                    help=f"share of each class of train/ held out for validation (default: {D['val_fraction']})")
     t.add_argument("--seed", type=int, help=f"seed of the split, the initialisation and the batches (default: {D['seed']})")
