@@ -695,6 +695,45 @@ def check_classes(ckpt, classes, where):
                        f"{where} has {list(classes)}; use data with the same class folders")
 
 
+@dataclass
+class Member:
+    """One checkpoint of what validate, test and predict use: an ensemble, whose
+    class probabilities are averaged (a single checkpoint is an ensemble of one)."""
+    path: str
+    ckpt: dict
+    model: nn.Module
+
+    @property
+    def input(self):
+        """(image size, channels): how its network wants the images decoded."""
+        return self.ckpt["image_size"], self.ckpt["in_channels"]
+
+
+def load_members(paths, rt):
+    """The checkpoints of an ensemble and their networks; refused unless all have the
+    same classes in the same order, as averaging their probabilities needs."""
+    ckpts = [load_checkpoint(p) for p in paths]
+    for path, ckpt in zip(paths[1:], ckpts[1:]):
+        if list(ckpt["classes"]) != list(ckpts[0]["classes"]):
+            raise FerError(f"{path} was trained on classes {list(ckpt['classes'])} but {paths[0]} on "
+                           f"{list(ckpts[0]['classes'])}; an ensemble averages the probabilities of each class, "
+                           "so give checkpoints trained on the same classes in the same order")
+    return [Member(str(p), c, model_from_checkpoint(c, rt, p)) for p, c in zip(paths, ckpts)]
+
+
+def member_inputs(members):
+    """The members' distinct (image size, channels), in order: the images are decoded
+    once for each."""
+    return list(dict.fromkeys(m.input for m in members))
+
+
+def member_dict(member):
+    """A member as the JSON names it: its file and what its network is."""
+    c = member.ckpt
+    return dict(checkpoint=member.path, arch=c["arch"], epoch=c.get("epoch"), image_size=c["image_size"],
+                in_channels=c["in_channels"], weights=c.get("weights", "raw"))
+
+
 # ----------------------------------------------------------------------------
 # The loops: one training epoch, one evaluation used by every command
 
@@ -812,9 +851,18 @@ def predict_probs(model, images, rt, batch_size, tta="none"):
     return torch.cat(out) if out else torch.empty(0, 0)
 
 
+def ensemble_probs(members, images_by_input, rt, batch_size, tta="none"):
+    """The mean of the members' softmax probabilities, each member on the images as
+    decoded for it (images_by_input[member.input]) with the same test-time views, and
+    each member's own (the mean of one member is its probabilities, unchanged)."""
+    each = [predict_probs(m.model, images_by_input[m.input], rt, batch_size, tta) for m in members]
+    return torch.stack(each).mean(0), each
+
+
 def evaluate(model, faces, idx, rt, batch_size, tta="none"):
-    """Confusion matrix of `faces[idx]`. Under torchrun every process takes a shard
-    and the matrices are summed, so the metrics cover the whole split."""
+    """Confusion matrix of `faces[idx]`, training's check after each epoch. Under
+    torchrun every process takes a shard and the matrices are summed, so the metrics
+    cover the whole split."""
     idx = idx[rt.rank::rt.world]
     probs = predict_probs(model, faces.images[idx], rt, batch_size, tta)
     cm = metrics.confusion_matrix(faces.labels[idx], probs.argmax(1) if len(idx) else idx,
@@ -1125,9 +1173,36 @@ def cmd_train(args):
 
 
 def evaluation_setup(args):
-    ckpt = load_checkpoint(args.checkpoint)
+    """validate's, test's and predict's runtime and the members of --checkpoint."""
     rt = setup_runtime(args)
-    return ckpt, rt, model_from_checkpoint(ckpt, rt, args.checkpoint)
+    return rt, load_members(args.checkpoint, rt)
+
+
+def decode_for(members, folder, skip_bad):
+    """FOLDER's images decoded once for each distinct input of the members, checked
+    against their classes: {(size, channels): Faces}."""
+    faces = {key: load_faces(folder, *key, skip_bad) for key in member_inputs(members)}
+    check_classes(members[0].ckpt, next(iter(faces.values())).classes, folder)
+    return faces
+
+
+def evaluate_members(members, faces_by_input, idx, rt, batch_size, tta):
+    """validate's and test's evaluation of faces[idx]: the ensemble's confusion matrix
+    and probabilities, and each member's matrix."""
+    probs, each = ensemble_probs(members, {k: f.images[idx] for k, f in faces_by_input.items()}, rt, batch_size, tta)
+    faces = faces_by_input[members[0].input]
+    cms = [metrics.confusion_matrix(faces.labels[idx], p.argmax(1), len(faces.classes)) for p in (probs, *each)]
+    return cms[0], probs, cms[1:]
+
+
+def log_members(members, member_cms):
+    """With several checkpoints, a line per member: its file, network and own figures."""
+    if len(members) > 1:
+        for member, cm in zip(members, member_cms):
+            m, c = metrics.classification_metrics(cm), member.ckpt
+            log(f"  {member.path}: {c['arch']} epoch {c.get('epoch')}, {c['image_size']} px"
+                f"{', EMA weights' if c.get('weights') == 'ema' else ''}: "
+                f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}")
 
 
 def split_folder(data, split):
@@ -1140,29 +1215,56 @@ def split_folder(data, split):
     return folder
 
 
+def validation_split(members, data):
+    """The folder, fraction and seed of the validation split the members were trained
+    with, and whether to skip bad images: one split for all, or the ensemble would be
+    scored on faces some member trained on. --data DATA replaces the folder."""
+    def split(m):
+        a = m.ckpt["args"]
+        return str(Path(data or a["data"]).resolve()), a["val_fraction"], a["seed"]
+    for m in members[1:]:
+        if split(m) != split(members[0]):
+            (d0, f0, s0), (d, f, s) = split(members[0]), split(m)
+            raise FerError(f"{members[0].path} holds out {f0} of {d0} with seed {s0} for validation but {m.path} "
+                           f"{f} of {d} with seed {s}; an ensemble is validated on one split none of its members "
+                           "trained on: give checkpoints trained with the same --data, --val-fraction and --seed")
+    a = members[0].ckpt["args"]
+    return data or a["data"], a["val_fraction"], a["seed"], any(m.ckpt["args"]["skip_bad_images"] for m in members)
+
+
 def cmd_validate(args):
-    """Metrics on the validation split the run used, rebuilt from the checkpoint."""
-    ckpt, rt, model = evaluation_setup(args)
-    a = ckpt["args"]
-    train_dir = split_folder(args.data or a["data"], "train")
-    faces = load_faces(train_dir, ckpt["image_size"], ckpt["in_channels"], a["skip_bad_images"])
-    check_classes(ckpt, faces.classes, train_dir)
-    _, val_idx = split_train_val(faces.labels, a["val_fraction"], a["seed"])
-    cm, _ = evaluate(model, faces, val_idx, rt, args.batch_size, args.tta)
-    m = metrics.classification_metrics(cm)
-    log(f"validation split of {train_dir}: {len(val_idx)} images (seed {a['seed']}, "
-        f"fraction {a['val_fraction']}), {ckpt['arch']} epoch {ckpt.get('epoch')}, tta {args.tta}")
+    """Metrics on the validation split the run used, rebuilt from the checkpoint(s)."""
+    rt, members = evaluation_setup(args)
+    data, val_fraction, seed, skip_bad = validation_split(members, args.data)
+    train_dir = split_folder(data, "train")
+    faces_by_input = decode_for(members, train_dir, skip_bad)
+    faces = faces_by_input[members[0].input]
+    _, val_idx = split_train_val(faces.labels, val_fraction, seed)
+    cm, _, member_cms = evaluate_members(members, faces_by_input, val_idx, rt, args.batch_size, args.tta)
+    m, c = metrics.classification_metrics(cm), members[0].ckpt
+    what = f"{c['arch']} epoch {c.get('epoch')}" if len(members) == 1 else f"an ensemble of {len(members)}"
+    log(f"validation split of {train_dir}: {len(val_idx)} images (seed {seed}, fraction {val_fraction}), "
+        f"{what}, tta {args.tta}")
+    log_members(members, member_cms)
     log(metrics.format_report(m, faces.classes))
     log(metrics.format_confusion_matrix(cm, faces.classes))
-    write_json(args.json, results_dict(ckpt, faces.classes, m, cm, args.tta))
+    write_json(args.json, results_dict(members, faces.classes, m, cm, args.tta, member_cms))
     return m
 
 
-def results_dict(ckpt, classes, m, cm, tta):
+def metrics_dict(classes, m, cm):
     per_class = {c: dict(precision=m["precision"][i], recall=m["recall"][i], f1=m["f1"][i],
                          support=m["support"][i]) for i, c in enumerate(classes)}
-    return dict(arch=ckpt["arch"], tta=tta, classes=list(classes), accuracy=m["accuracy"],
-                macro_f1=m["macro_f1"], per_class=per_class, confusion_matrix=cm.tolist())
+    return dict(accuracy=m["accuracy"], macro_f1=m["macro_f1"], per_class=per_class, confusion_matrix=cm.tolist())
+
+
+def results_dict(members, classes, m, cm, tta, member_cms):
+    """validate's and test's JSON: the ensemble's metrics (one checkpoint's, for one),
+    then each member's file, network and own metrics."""
+    arch = members[0].ckpt["arch"] if len(members) == 1 else "ensemble"
+    return dict(arch=arch, tta=tta, classes=list(classes), **metrics_dict(classes, m, cm),
+                members=[dict(member_dict(member), **metrics_dict(classes, metrics.classification_metrics(c), c))
+                         for member, c in zip(members, member_cms)])
 
 
 def write_json(path, obj):
@@ -1202,17 +1304,19 @@ def make_folder(path, option):
 
 def cmd_test(args):
     """The full metrics report on DIR/test: the only command that reads it."""
-    ckpt, rt, model = evaluation_setup(args)
+    rt, members = evaluation_setup(args)
     test_dir = split_folder(args.data, "test")
-    faces = load_faces(test_dir, ckpt["image_size"], ckpt["in_channels"], args.skip_bad_images)
-    check_classes(ckpt, faces.classes, test_dir)
+    faces_by_input = decode_for(members, test_dir, args.skip_bad_images)
+    faces = faces_by_input[members[0].input]
     idx = torch.arange(len(faces.labels))
-    cm, probs = evaluate(model, faces, idx, rt, args.batch_size, args.tta)
-    m = metrics.classification_metrics(cm)
-    log(f"{ckpt['arch']} (epoch {ckpt.get('epoch')}) on {test_dir}: {len(idx)} images, tta {args.tta}")
+    cm, probs, member_cms = evaluate_members(members, faces_by_input, idx, rt, args.batch_size, args.tta)
+    m, c = metrics.classification_metrics(cm), members[0].ckpt
+    what = f"{c['arch']} (epoch {c.get('epoch')})" if len(members) == 1 else f"an ensemble of {len(members)}"
+    log(f"{what} on {test_dir}: {len(idx)} images, tta {args.tta}")
+    log_members(members, member_cms)
     log(metrics.format_report(m, faces.classes))
     log(metrics.format_confusion_matrix(cm, faces.classes))
-    results = results_dict(ckpt, faces.classes, m, cm, args.tta)
+    results = results_dict(members, faces.classes, m, cm, args.tta, member_cms)
     write_json(args.json, results)
     if args.save_dir:
         save_dir = Path(args.save_dir)
@@ -1247,18 +1351,27 @@ def find_images(paths):
     return list(dict.fromkeys(files))  # a file given twice (or inside a given folder too) is one row
 
 
-def cmd_predict(args):
-    """Class probabilities of each image file (or each image in a folder)."""
-    files = find_images(args.paths)  # a wrong path fails before the model loads
-    ckpt, rt, model = evaluation_setup(args)
-    classes = ckpt["classes"]
+def read_images(files, size, in_channels):
+    """predict's image files decoded for one input of the members: N x C x S x S, uint8."""
     images = []
     for f in files:
         try:
-            images.append(read_image(f, ckpt["image_size"], ckpt["in_channels"]))
+            images.append(read_image(f, size, in_channels))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise FerError(f"cannot read image {f} ({e}); remove it or give only image files") from None
-    probs = predict_probs(model, torch.stack(images), rt, args.batch_size, args.tta)
+    return torch.stack(images)
+
+
+def cmd_predict(args):
+    """Class probabilities of each image file (or each image in a folder)."""
+    if not args.paths:  # `predict --checkpoint a.pt face.jpg` took face.jpg for a checkpoint
+        raise FerError("no image files or folders given; give them before --checkpoint, which takes every "
+                       "path after it: fer.py predict faces/ --checkpoint a.pt b.pt")
+    files = find_images(args.paths)  # a wrong path fails before the model loads
+    rt, members = evaluation_setup(args)
+    classes = members[0].ckpt["classes"]
+    images = {key: read_images(files, *key) for key in member_inputs(members)}
+    probs, _ = ensemble_probs(members, images, rt, args.batch_size, args.tta)
     top = min(args.top, len(classes))
     results = []
     for f, p in zip(files, probs):
@@ -1274,10 +1387,12 @@ def cmd_predict(args):
     for r in results:
         log(f"{r['file']:<{name_w}}  {r['prediction']:<{pred_w}}  "
             + "  ".join(f"{r['probabilities'][c]:>{col_w}.3f}" for c in classes))
-    write_json(args.json, dict(arch=ckpt["arch"], tta=args.tta, classes=classes, predictions=results))
+    arch = members[0].ckpt["arch"] if len(members) == 1 else "ensemble"
+    write_json(args.json, dict(arch=arch, tta=args.tta, classes=classes, members=[member_dict(m) for m in members],
+                               predictions=results))
     if args.save_dir:
         make_folder(args.save_dir, "--save-dir")
-        picture = draw_predictions(images, results, classes)
+        picture = draw_predictions(images[members[0].input], results, classes)
         write_file(Path(args.save_dir) / "predictions.png", lambda f: picture.save(f, format="PNG"))
         log(f"wrote {Path(args.save_dir) / 'predictions.png'}")
     return results
@@ -1623,7 +1738,9 @@ def runtime_options(q):
 
 
 def evaluation_options(q, data_help, data_default):
-    q.add_argument("--checkpoint", required=True, help="a .pt file written by train or export")
+    q.add_argument("--checkpoint", nargs="+", required=True, metavar="CKPT",
+                   help="a .pt file written by train or export; several are an ensemble, which averages their "
+                        "class probabilities, each network at its own image size")
     q.add_argument("--data", default=data_default, help=f"{data_help} (default: {data_default or 'the --data the checkpoint was trained with'})")
     q.add_argument("--batch-size", type=number(int, 1), default=128, help="(default: %(default)s)")
     q.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (default: print only)")
@@ -1723,9 +1840,11 @@ def add_evaluation(sub):
 def add_predict(sub):
     """`predict` on image files and folders."""
     r = sub.add_parser("predict", help="class probabilities of image files or folders", **FMT)
-    r.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
-    r.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="a .pt file written by train or export "
-                   "(default: checkpoints/resnet34.pt beside fer.py, the shipped five-class model)")
+    r.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders of images")
+    r.add_argument("--checkpoint", nargs="+", default=[DEFAULT_CHECKPOINT], metavar="CKPT",
+                   help="a .pt file written by train or export; several are an ensemble, which averages their "
+                        "class probabilities; give the PATHs first, as it takes every path after it "
+                        "(default: checkpoints/resnet34.pt beside fer.py, the shipped five-class model)")
     r.add_argument("--save-dir", metavar="DIR", help="write DIR/predictions.png: each face, its predicted "
                    "class and a bar of the class probabilities (default: none)")
     r.add_argument("--top", type=number(int, 1), default=3, metavar="K",
