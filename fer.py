@@ -727,6 +727,11 @@ def member_inputs(members):
     return list(dict.fromkeys(m.input for m in members))
 
 
+def ensemble_arch(members):
+    """The JSON's `arch`: the network of a single checkpoint, "ensemble" for several."""
+    return members[0].ckpt["arch"] if len(members) == 1 else "ensemble"
+
+
 def member_dict(member):
     """A member as the JSON names it: its file and what its network is."""
     c = member.ckpt
@@ -1144,7 +1149,7 @@ def cmd_train(args):
         m, ema_m = validate_epoch(raw_model, ema, faces, val_idx, rt, args.batch_size * 2)
         if isinstance(scheduler, PLATEAU):
             scheduler.step(m["macro_f1"])  # every process sees the same figure, so the rates stay equal
-        kept = max(m["macro_f1"], ema_m["macro_f1"] if ema is not None else -1.0)  # best.pt keeps the better weights
+        kept = max(m["macro_f1"], ema_m["macro_f1"] if ema is not None else -1.0)  # best.pt keeps the better
         improved = kept > best
         if improved:
             best, best_epoch = kept, epoch
@@ -1152,10 +1157,10 @@ def cmd_train(args):
                             seconds=seconds, lr=lr))
         if ema is not None:
             history[-1].update(ema_val_accuracy=ema_m["accuracy"], ema_val_macro_f1=ema_m["macro_f1"])
+        ema_text = f"ema acc {ema_m['accuracy']:.4f}  ema macro-F1 {ema_m['macro_f1']:.4f}  " if ema is not None else ""
         log(f"epoch {epoch:3d}/{args.epochs}  loss {loss:.4f}  val acc {m['accuracy']:.4f}  "
-            f"val macro-F1 {m['macro_f1']:.4f}  "
-            + (f"ema acc {ema_m['accuracy']:.4f}  ema macro-F1 {ema_m['macro_f1']:.4f}  " if ema is not None else "")
-            + f"{steps * args.batch_size / seconds:6.0f} img/s  {seconds:5.1f} s  lr {lr:.2e}{'  *' if improved else ''}")
+            f"val macro-F1 {m['macro_f1']:.4f}  {ema_text}{steps * args.batch_size / seconds:6.0f} img/s  "
+            f"{seconds:5.1f} s  lr {lr:.2e}{'  *' if improved else ''}")
         if rt.rank == 0:
             state = dict(arch=args.model, classes=faces.classes, image_size=args.image_size,
                          in_channels=args.in_channels, mean=MEAN, std=STD, epoch=epoch,
@@ -1261,8 +1266,7 @@ def metrics_dict(classes, m, cm):
 def results_dict(members, classes, m, cm, tta, member_cms):
     """validate's and test's JSON: the ensemble's metrics (one checkpoint's, for one),
     then each member's file, network and own metrics."""
-    arch = members[0].ckpt["arch"] if len(members) == 1 else "ensemble"
-    return dict(arch=arch, tta=tta, classes=list(classes), **metrics_dict(classes, m, cm),
+    return dict(arch=ensemble_arch(members), tta=tta, classes=list(classes), **metrics_dict(classes, m, cm),
                 members=[dict(member_dict(member), **metrics_dict(classes, metrics.classification_metrics(c), c))
                          for member, c in zip(members, member_cms)])
 
@@ -1387,8 +1391,7 @@ def cmd_predict(args):
     for r in results:
         log(f"{r['file']:<{name_w}}  {r['prediction']:<{pred_w}}  "
             + "  ".join(f"{r['probabilities'][c]:>{col_w}.3f}" for c in classes))
-    arch = members[0].ckpt["arch"] if len(members) == 1 else "ensemble"
-    write_json(args.json, dict(arch=arch, tta=args.tta, classes=classes, members=[member_dict(m) for m in members],
+    write_json(args.json, dict(arch=ensemble_arch(members), tta=args.tta, classes=classes, members=[member_dict(m) for m in members],
                                predictions=results))
     if args.save_dir:
         make_folder(args.save_dir, "--save-dir")

@@ -124,7 +124,8 @@ def test_resume_continues_to_the_same_weights(schedule, mixup, ema, tiny_data, t
     assert rates[0] == rates[1] and len(rates[0]) == 2
     if ema:  # the average and its step count went on as if never stopped
         assert state_dicts_equal(full["ema"], cut["ema"]) and cut["ema"]["n_averaged"] == 10
-        assert state_dicts_equal(*(fer.load_checkpoint(tmp_path / d / "best.pt")["state_dict"] for d in ("full", "cut")))
+        best = [fer.load_checkpoint(tmp_path / d / "best.pt")["state_dict"] for d in ("full", "cut")]
+        assert state_dicts_equal(*best)
 
 
 @pytest.mark.slow  # five epochs
