@@ -5,6 +5,7 @@
     python fer.py train    --model resnet34                # on data/fer5 -> runs/resnet34/
     python fer.py validate --checkpoint runs/resnet34/best.pt
     python fer.py test     --checkpoint runs/resnet34/best.pt
+    python fer.py test     --checkpoint runs/resnet34/best.pt runs/vgg11/best.pt   # an ensemble
     python fer.py predict  samples/ face.jpg               # the shipped checkpoint by default
     python fer.py bench    --model resnet34
     python fer.py export   --checkpoint runs/resnet34/best.pt --out checkpoints/resnet34.pt
