@@ -5,6 +5,7 @@
     python fer.py train    --model resnet34                # on data/fer5 -> runs/resnet34/
     python fer.py validate --checkpoint runs/resnet34/best.pt
     python fer.py test     --checkpoint runs/resnet34/best.pt
+    python fer.py test     --checkpoint runs/resnet34/best.pt runs/vgg11/best.pt   # an ensemble
     python fer.py predict  samples/ face.jpg               # the shipped checkpoint by default
     python fer.py bench    --model resnet34
     python fer.py export   --checkpoint runs/resnet34/best.pt --out checkpoints/resnet34.pt
@@ -46,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image, ImageDraw, ImageFont
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 import metrics
@@ -79,7 +81,7 @@ REPORT["resnet50"] = REPORT["resnet101"] = REPORT["resnet34"]  # the report trai
 RECIPES = {"ours": OURS, "report": REPORT}
 # Defaults of the `train` options that a recipe does not set.
 TRAIN_DEFAULTS = dict(schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, balanced=False, in_channels=3,
-                      crop_scale=0.5, rotation=10.0, erasing=0.25, mixup=0.0, val_fraction=0.1, seed=0,
+                      crop_scale=0.5, rotation=10.0, erasing=0.25, mixup=0.0, ema=None, val_fraction=0.1, seed=0,
                       pipeline="tensor", skip_bad_images=False, classes=None)
 # Beta(alpha, alpha)'s float32 sampler underflows below an alpha of about 0.005 and then
 # draws 0.5, the strongest blend, when a tiny alpha means "almost none": refuse those.
@@ -640,22 +642,25 @@ def save_checkpoint(state, path):
 
 
 def weights_only(state):
-    """A checkpoint without the optimiser, scheduler and scaler state that only --resume
-    needs: what best.pt and `export` keep."""
-    return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "scaler")}
+    """A checkpoint without the optimiser, scheduler, scaler and --ema state that only
+    --resume needs: what best.pt and `export` keep."""
+    return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "scaler", "ema")}
 
 
 HISTORY_COLUMNS = ("epoch", "loss", "val_accuracy", "val_macro_f1", "lr", "seconds")
+EMA_COLUMNS = ("ema_val_accuracy", "ema_val_macro_f1")  # history.csv's two more with --ema
 
 
-def save_run(out, state, improved):
+def save_run(out, state, best):
     """After an epoch: last.pt (all that --resume needs), best.pt when validation
-    improved (weights only), history.csv and curves.png of the epochs so far."""
+    improved (`best`, weights only; else None), history.csv and curves.png of the
+    epochs so far."""
     save_checkpoint(state, out / "last.pt")
-    if improved:
-        save_checkpoint(weights_only(state), out / "best.pt")
-    rows = [",".join(HISTORY_COLUMNS)] + [",".join(f"{h[k]:.6g}" if isinstance(h[k], float) else str(h[k])
-                                                   for k in HISTORY_COLUMNS) for h in state["history"]]
+    if best is not None:
+        save_checkpoint(best, out / "best.pt")
+    columns = HISTORY_COLUMNS + tuple(k for k in EMA_COLUMNS if k in state["history"][0])
+    rows = [",".join(columns)] + [",".join(f"{h[k]:.6g}" if isinstance(h[k], float) else str(h[k])
+                                           for k in columns) for h in state["history"]]
     write_file(out / "history.csv", lambda f: f.write(("\n".join(rows) + "\n").encode()), option="--out")
     picture = draw_curves(state["history"], state["best_epoch"])
     write_file(out / "curves.png", lambda f: picture.save(f, format="PNG"), option="--out")
@@ -720,6 +725,50 @@ def check_classes(ckpt, classes, where):
                        f"{where} has {list(classes)}; use data with the same class folders")
 
 
+@dataclass
+class Member:
+    """One checkpoint of what validate, test and predict use: an ensemble, whose
+    class probabilities are averaged (a single checkpoint is an ensemble of one)."""
+    path: str
+    ckpt: dict
+    model: nn.Module
+
+    @property
+    def input(self):
+        """(image size, channels): how its network wants the images decoded."""
+        return self.ckpt["image_size"], self.ckpt["in_channels"]
+
+
+def load_members(paths, rt):
+    """The checkpoints of an ensemble and their networks; refused unless all have the
+    same classes in the same order, as averaging their probabilities needs."""
+    ckpts = [load_checkpoint(p) for p in paths]
+    for path, ckpt in zip(paths[1:], ckpts[1:]):
+        if list(ckpt["classes"]) != list(ckpts[0]["classes"]):
+            raise FerError(f"{path} was trained on classes {list(ckpt['classes'])} but {paths[0]} on "
+                           f"{list(ckpts[0]['classes'])}; an ensemble averages the probabilities of each class, "
+                           "so give checkpoints trained on the same classes in the same order")
+    return [Member(str(p), c, model_from_checkpoint(c, rt, p)) for p, c in zip(paths, ckpts)]
+
+
+def member_inputs(members):
+    """The members' distinct (image size, channels), in order: the images are decoded
+    once for each."""
+    return list(dict.fromkeys(m.input for m in members))
+
+
+def ensemble_arch(members):
+    """The JSON's `arch`: the network of a single checkpoint, "ensemble" for several."""
+    return members[0].ckpt["arch"] if len(members) == 1 else "ensemble"
+
+
+def member_dict(member):
+    """A member as the JSON names it: its file and what its network is."""
+    c = member.ckpt
+    return dict(checkpoint=member.path, arch=c["arch"], epoch=c.get("epoch"), image_size=c["image_size"],
+                in_channels=c["in_channels"], weights=c.get("weights", "raw"))
+
+
 # ----------------------------------------------------------------------------
 # The loops: one training epoch, one evaluation used by every command
 
@@ -770,9 +819,11 @@ class Progress:
 
 
 def train_one_epoch(model, batches, steps, optimizer, scheduler, scaler, criterion, rt, epoch, alpha=0.0,
-                    progress=None):
+                    progress=None, ema=None, raw_model=None):
     """One pass over the training batches, with mixup when alpha > 0; returns the mean
-    loss and the learning rate of the last step (the scheduler has moved on since)."""
+    loss and the learning rate of the last step (the scheduler has moved on since).
+    With --ema, `ema` (an AveragedModel) follows `raw_model`, the network inside any
+    DDP or torch.compile wrapper, after every step."""
     model.train()
     total, count, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
     for step, (x, y) in enumerate(batches, 1):
@@ -792,6 +843,8 @@ def train_one_epoch(model, batches, steps, optimizer, scheduler, scaler, criteri
         lr = optimizer.param_groups[0]["lr"]
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:
+            ema.update_parameters(raw_model)
         if not isinstance(scheduler, PLATEAU):  # the plateau schedule steps once per epoch, on validation
             scheduler.step()
         total += loss.item()
@@ -833,9 +886,18 @@ def predict_probs(model, images, rt, batch_size, tta="none"):
     return torch.cat(out) if out else torch.empty(0, 0)
 
 
+def ensemble_probs(members, images_by_input, rt, batch_size, tta="none"):
+    """The mean of the members' softmax probabilities, each member on the images as
+    decoded for it (images_by_input[member.input]) with the same test-time views, and
+    each member's own (the mean of one member is its probabilities, unchanged)."""
+    each = [predict_probs(m.model, images_by_input[m.input], rt, batch_size, tta) for m in members]
+    return torch.stack(each).mean(0), each
+
+
 def evaluate(model, faces, idx, rt, batch_size, tta="none"):
-    """Confusion matrix of `faces[idx]`. Under torchrun every process takes a shard
-    and the matrices are summed, so the metrics cover the whole split."""
+    """Confusion matrix of `faces[idx]`, training's check after each epoch. Under
+    torchrun every process takes a shard and the matrices are summed, so the metrics
+    cover the whole split."""
     idx = idx[rt.rank::rt.world]
     probs = predict_probs(model, faces.images[idx], rt, batch_size, tta)
     cm = metrics.confusion_matrix(faces.labels[idx], probs.argmax(1) if len(idx) else idx,
@@ -964,7 +1026,7 @@ def cmd_prepare(args):
 
 TRAIN_OPTIONS = ("model", "recipe", "epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay",
                  "label_smoothing", "balanced", "image_size", "in_channels", "crop_scale", "rotation",
-                 "erasing", "mixup", "val_fraction", "seed", "pipeline", "skip_bad_images", "classes")
+                 "erasing", "mixup", "ema", "val_fraction", "seed", "pipeline", "skip_bad_images", "classes")
 # What a checkpoint's `args` records: the training options and where the run read and wrote.
 RUN_OPTIONS = TRAIN_OPTIONS + ("data", "out", "amp", "channels_last")
 # What `--resume` needs beyond CHECKPOINT_KEYS (best.pt and exports drop the first three).
@@ -983,8 +1045,10 @@ def resolve_train_args(args):
                            f"{args.model}; drop --model or resume a {args.model} checkpoint")
         ckpt["args"].setdefault("mixup", 0.0)  # runs saved before --mixup existed had none
         ckpt["args"].setdefault("recipe", "ours")  # nor a recipe other than ours
+        ckpt["args"].setdefault("ema", None)  # nor --ema
         ckpt["args"].setdefault("classes", None)  # nor a subset of the class folders
         missing = [k for k in RESUME_KEYS if k not in ckpt] + [k for k in TRAIN_OPTIONS if k not in ckpt["args"]]
+        missing += ["ema"] if ckpt["args"]["ema"] and "ema" not in ckpt else []
         if missing:
             raise FerError(f"--resume {args.resume} has no training state ({', '.join(missing)}); "
                            "best.pt and exports keep the weights only: resume from the run's last.pt, or train anew")
@@ -1052,14 +1116,41 @@ def training_setup(args, faces, train_idx, rt):
     return model, raw_model, optimizer, scheduler, scaler, criterion, steps
 
 
-def restore(ckpt, args, raw_model, optimizer, scheduler, scaler):
-    """--resume: the saved weights and optimiser, schedule and scaler states; returns
-    the epoch to continue after, the best figure so far, its epoch and the history."""
+def make_ema(raw_model, decay):
+    """--ema: an exponential moving average of the weights, or None. use_buffers averages
+    BatchNorm's running statistics too, so the averaged network is evaluated with
+    statistics that match its own weights, not the raw network's latest."""
+    if decay is None:
+        return None
+    return AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def restore(ckpt, args, raw_model, optimizer, scheduler, scaler, ema):
+    """--resume: the saved weights and optimiser, schedule, scaler and --ema states
+    (the average's state_dict holds its step count, n_averaged); returns the epoch to
+    continue after, the best figure so far, its epoch and the history."""
     load_weights(raw_model, ckpt["state_dict"], ckpt["arch"], args.resume)
-    for part, name in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
-        part.load_state_dict(ckpt[name])
+    for part, name in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler"), (ema, "ema")):
+        if part is not None:
+            part.load_state_dict(ckpt[name])
     log(f"resuming from {args.resume} after epoch {ckpt['epoch']} of {args.epochs}")
     return ckpt["epoch"], ckpt["best_metric"], ckpt["best_epoch"], ckpt["history"]
+
+
+def validate_epoch(raw_model, ema, faces, val_idx, rt, batch_size):
+    """Validation metrics of the raw weights and, with --ema, of the averaged ones (else None)."""
+    m = metrics.classification_metrics(evaluate(raw_model, faces, val_idx, rt, batch_size)[0])
+    if ema is None:
+        return m, None
+    return m, metrics.classification_metrics(evaluate(ema.module, faces, val_idx, rt, batch_size)[0])
+
+
+def best_checkpoint(state, ema, ema_m):
+    """What best.pt keeps: the weights only, the averaged ones (`weights: "ema"`) when
+    they validated better than the raw ones; a plain checkpoint either way."""
+    if ema is None or ema_m["macro_f1"] <= state["val_metrics"]["macro_f1"]:
+        return weights_only(state)
+    return dict(weights_only(state), state_dict=ema.module.state_dict(), weights="ema", val_metrics=ema_m)
 
 
 def cmd_train(args):
@@ -1069,9 +1160,10 @@ def cmd_train(args):
     t0 = time.time()
     faces, train_idx, val_idx = training_data(args, ckpt, rt)
     model, raw_model, optimizer, scheduler, scaler, criterion, steps = training_setup(args, faces, train_idx, rt)
+    ema = make_ema(raw_model, args.ema)  # of the raw network: DDP and compile wrap the same weights
     start, best, best_epoch, history = 0, -1.0, 0, []
     if ckpt is not None:
-        start, best, best_epoch, history = restore(ckpt, args, raw_model, optimizer, scheduler, scaler)
+        start, best, best_epoch, history = restore(ckpt, args, raw_model, optimizer, scheduler, scaler, ema)
     batches = pil_batches if args.pipeline == "pil" else tensor_batches
 
     for epoch in range(start + 1, args.epochs + 1):
@@ -1080,31 +1172,36 @@ def cmd_train(args):
         tic = time.time()
         loss, lr = train_one_epoch(model, batches(faces, train_idx, args.batch_size, args, rt, args.seed + epoch),
                                    steps, optimizer, scheduler, scaler, criterion, rt, epoch, args.mixup,
-                                   Progress(steps, args.batch_size))
+                                   Progress(steps, args.batch_size), ema, raw_model)
         seconds = time.time() - tic
         if rt.world > 1:  # BatchNorm statistics drift apart per process: validate rank 0's
-            for b in raw_model.buffers():
+            for b in itertools.chain(raw_model.buffers(), ema.buffers() if ema is not None else ()):
                 dist.broadcast(b, 0)
-        cm, _ = evaluate(raw_model, faces, val_idx, rt, args.batch_size * 2)
-        m = metrics.classification_metrics(cm)
+        m, ema_m = validate_epoch(raw_model, ema, faces, val_idx, rt, args.batch_size * 2)
         if isinstance(scheduler, PLATEAU):
             scheduler.step(m["macro_f1"])  # every process sees the same figure, so the rates stay equal
-        improved = m["macro_f1"] > best
+        kept = max(m["macro_f1"], ema_m["macro_f1"] if ema is not None else -1.0)  # best.pt keeps the better
+        improved = kept > best
         if improved:
-            best, best_epoch = m["macro_f1"], epoch
+            best, best_epoch = kept, epoch
         history.append(dict(epoch=epoch, loss=loss, val_accuracy=m["accuracy"], val_macro_f1=m["macro_f1"],
                             seconds=seconds, lr=lr))
+        if ema is not None:
+            history[-1].update(ema_val_accuracy=ema_m["accuracy"], ema_val_macro_f1=ema_m["macro_f1"])
+        ema_text = f"ema acc {ema_m['accuracy']:.4f}  ema macro-F1 {ema_m['macro_f1']:.4f}  " if ema is not None else ""
         log(f"epoch {epoch:3d}/{args.epochs}  loss {loss:.4f}  val acc {m['accuracy']:.4f}  "
-            f"val macro-F1 {m['macro_f1']:.4f}  {steps * args.batch_size / seconds:6.0f} img/s  "
+            f"val macro-F1 {m['macro_f1']:.4f}  {ema_text}{steps * args.batch_size / seconds:6.0f} img/s  "
             f"{seconds:5.1f} s  lr {lr:.2e}{'  *' if improved else ''}")
         if rt.rank == 0:
             state = dict(arch=args.model, classes=faces.classes, image_size=args.image_size,
                          in_channels=args.in_channels, mean=MEAN, std=STD, epoch=epoch,
-                         state_dict=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                         state_dict=raw_model.state_dict(), weights="raw", optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                          best_metric=best, best_epoch=best_epoch, val_metrics=m, history=history,
                          args={k: getattr(args, k) for k in RUN_OPTIONS})
-            save_run(Path(args.out), state, improved)
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            save_run(Path(args.out), state, best_checkpoint(state, ema, ema_m) if improved else None)
         if args.dry_run:
             break
     log(f"best validation macro-F1 {best:.4f} at epoch {best_epoch}; checkpoints in {args.out}/ "
@@ -1112,9 +1209,39 @@ def cmd_train(args):
 
 
 def evaluation_setup(args):
-    ckpt = load_checkpoint(args.checkpoint)
+    """validate's, test's and predict's runtime and the members of --checkpoint."""
     rt = setup_runtime(args)
-    return ckpt, rt, model_from_checkpoint(ckpt, rt, args.checkpoint)
+    return rt, load_members(args.checkpoint, rt)
+
+
+def decode_for(members, folder, skip_bad, classes=None):
+    """FOLDER's images (of `classes`, default all) decoded once for each distinct input
+    of the members, checked against their classes: {(size, channels): Faces}."""
+    faces = {key: load_faces(folder, *key, skip_bad, classes=classes) for key in member_inputs(members)}
+    check_classes(members[0].ckpt, next(iter(faces.values())).classes, folder)
+    return faces
+
+
+def evaluate_members(members, faces_by_input, idx, rt, batch_size, tta):
+    """validate's and test's evaluation of faces[idx]: the ensemble's probabilities and
+    each member's."""
+    return ensemble_probs(members, {k: f.images[idx] for k, f in faces_by_input.items()}, rt, batch_size, tta)
+
+
+def confusions(labels, probs, each, num_classes):
+    """The ensemble's confusion matrix and each member's."""
+    cms = [metrics.confusion_matrix(labels, p.argmax(1), num_classes) for p in (probs, *each)]
+    return cms[0], cms[1:]
+
+
+def log_members(members, member_cms):
+    """With several checkpoints, a line per member: its file, network and own figures."""
+    if len(members) > 1:
+        for member, cm in zip(members, member_cms):
+            m, c = metrics.classification_metrics(cm), member.ckpt
+            log(f"  {member.path}: {c['arch']} epoch {c.get('epoch')}, {c['image_size']} px"
+                f"{', EMA weights' if c.get('weights') == 'ema' else ''}: "
+                f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}")
 
 
 def split_folder(data, split):
@@ -1127,30 +1254,56 @@ def split_folder(data, split):
     return folder
 
 
+def validation_split(members, data):
+    """The folder, fraction and seed of the validation split the members were trained
+    with, and whether to skip bad images: one split for all, or the ensemble would be
+    scored on faces some member trained on. --data DATA replaces the folder."""
+    def split(m):
+        a = m.ckpt["args"]
+        return str(Path(data or a["data"]).resolve()), a["val_fraction"], a["seed"]
+    for m in members[1:]:
+        if split(m) != split(members[0]):
+            (d0, f0, s0), (d, f, s) = split(members[0]), split(m)
+            raise FerError(f"{members[0].path} holds out {f0} of {d0} with seed {s0} for validation but {m.path} "
+                           f"{f} of {d} with seed {s}; an ensemble is validated on one split none of its members "
+                           "trained on: give checkpoints trained with the same --data, --val-fraction and --seed")
+    a = members[0].ckpt["args"]
+    return data or a["data"], a["val_fraction"], a["seed"], any(m.ckpt["args"]["skip_bad_images"] for m in members)
+
+
 def cmd_validate(args):
-    """Metrics on the validation split the run used, rebuilt from the checkpoint."""
-    ckpt, rt, model = evaluation_setup(args)
-    a = ckpt["args"]
-    train_dir = split_folder(args.data or a["data"], "train")
-    faces = load_faces(train_dir, ckpt["image_size"], ckpt["in_channels"], a["skip_bad_images"],
-                       classes=a.get("classes"))
-    check_classes(ckpt, faces.classes, train_dir)
-    _, val_idx = split_train_val(faces.labels, a["val_fraction"], a["seed"])
-    cm, _ = evaluate(model, faces, val_idx, rt, args.batch_size, args.tta)
-    m = metrics.classification_metrics(cm)
-    log(f"validation split of {train_dir}: {len(val_idx)} images (seed {a['seed']}, "
-        f"fraction {a['val_fraction']}), {ckpt['arch']} epoch {ckpt.get('epoch')}, tta {args.tta}")
+    """Metrics on the validation split the run used, rebuilt from the checkpoint(s)."""
+    rt, members = evaluation_setup(args)
+    data, val_fraction, seed, skip_bad = validation_split(members, args.data)
+    train_dir = split_folder(data, "train")
+    faces_by_input = decode_for(members, train_dir, skip_bad, members[0].ckpt["args"].get("classes"))
+    faces = faces_by_input[members[0].input]
+    _, val_idx = split_train_val(faces.labels, val_fraction, seed)
+    probs, each = evaluate_members(members, faces_by_input, val_idx, rt, args.batch_size, args.tta)
+    cm, member_cms = confusions(faces.labels[val_idx], probs, each, len(faces.classes))
+    m, c = metrics.classification_metrics(cm), members[0].ckpt
+    what = f"{c['arch']} epoch {c.get('epoch')}" if len(members) == 1 else f"an ensemble of {len(members)}"
+    log(f"validation split of {train_dir}: {len(val_idx)} images (seed {seed}, fraction {val_fraction}), "
+        f"{what}, tta {args.tta}")
+    log_members(members, member_cms)
     log(metrics.format_report(m, faces.classes))
     log(metrics.format_confusion_matrix(cm, faces.classes))
-    write_json(args.json, results_dict(ckpt, faces.classes, m, cm, args.tta))
+    write_json(args.json, results_dict(members, faces.classes, m, cm, args.tta, member_cms))
     return m
 
 
-def results_dict(ckpt, classes, m, cm, tta):
+def metrics_dict(classes, m, cm):
     per_class = {c: dict(precision=m["precision"][i], recall=m["recall"][i], f1=m["f1"][i],
                          support=m["support"][i]) for i, c in enumerate(classes)}
-    return dict(arch=ckpt["arch"], tta=tta, classes=list(classes), accuracy=m["accuracy"],
-                macro_f1=m["macro_f1"], per_class=per_class, confusion_matrix=cm.tolist())
+    return dict(accuracy=m["accuracy"], macro_f1=m["macro_f1"], per_class=per_class, confusion_matrix=cm.tolist())
+
+
+def results_dict(members, classes, m, cm, tta, member_cms):
+    """validate's and test's JSON: the ensemble's metrics (one checkpoint's, for one),
+    then each member's file, network and own metrics."""
+    return dict(arch=ensemble_arch(members), tta=tta, classes=list(classes), **metrics_dict(classes, m, cm),
+                members=[dict(member_dict(member), **metrics_dict(classes, metrics.classification_metrics(c), c))
+                         for member, c in zip(members, member_cms)])
 
 
 def write_json(path, obj):
@@ -1192,7 +1345,8 @@ def ferplus_rescore(faces, probs, manifest):
     """`test --labels ferplus`: the faces the manifest gives a clear FER+ majority of
     the checkpoint's classes, relabelled with it, and their probabilities. Logs the
     faces left out and why, and how many of the model's mistakes against FER2013's
-    labels are faces where the crowd chose the model's answer; returns them for the JSON."""
+    labels are faces where the crowd chose the model's answer. Returns the relabelled
+    faces, the mask of the kept ones and the figures for the JSON."""
     # By FER2013's label and file name without extension (`prepare` writes PNGs from a CSV)
     rows = {(m["class"], Path(m["file"]).stem): m for m in read_manifest(manifest)}
     if "ferplus_neutral" not in next(iter(rows.values())):
@@ -1223,25 +1377,30 @@ def ferplus_rescore(faces, probs, manifest):
                  fer2013_label_mistakes=int(wrong.sum()), mistakes_where_ferplus_agrees_with_model=sided)
     scored = replace(faces, images=faces.images[keep], labels=labels[keep],
                      files=[f for f, k in zip(faces.files, keep) if k])
-    return scored, probs[keep], extra
+    return scored, keep, extra
 
 
 def cmd_test(args):
     """The full metrics report on DIR/test: the only command that reads it."""
-    ckpt, rt, model = evaluation_setup(args)
+    rt, members = evaluation_setup(args)
     test_dir = split_folder(args.data, "test")
-    faces = load_faces(test_dir, ckpt["image_size"], ckpt["in_channels"], args.skip_bad_images)
-    check_classes(ckpt, faces.classes, test_dir)
-    cm, probs = evaluate(model, faces, torch.arange(len(faces.labels)), rt, args.batch_size, args.tta)
-    log(f"{ckpt['arch']} (epoch {ckpt.get('epoch')}) on {test_dir}: {len(faces.labels)} images, tta {args.tta}")
+    faces_by_input = decode_for(members, test_dir, args.skip_bad_images)
+    faces = faces_by_input[members[0].input]
+    probs, each = evaluate_members(members, faces_by_input, torch.arange(len(faces.labels)), rt,
+                                   args.batch_size, args.tta)
+    c = members[0].ckpt
+    what = f"{c['arch']} (epoch {c.get('epoch')})" if len(members) == 1 else f"an ensemble of {len(members)}"
+    log(f"{what} on {test_dir}: {len(faces.labels)} images, tta {args.tta}")
     extra = dict(labels="fer2013")
     if args.labels == "ferplus":
-        faces, probs, extra = ferplus_rescore(faces, probs, args.manifest)
-        cm = metrics.confusion_matrix(faces.labels, probs.argmax(1), len(faces.classes))
+        faces, keep, extra = ferplus_rescore(faces, probs, args.manifest)
+        probs, each = probs[keep], [p[keep] for p in each]
+    cm, member_cms = confusions(faces.labels, probs, each, len(faces.classes))
     m = metrics.classification_metrics(cm)
+    log_members(members, member_cms)
     log(metrics.format_report(m, faces.classes))
     log(metrics.format_confusion_matrix(cm, faces.classes))
-    results = {**results_dict(ckpt, faces.classes, m, cm, args.tta), **extra}
+    results = {**results_dict(members, faces.classes, m, cm, args.tta, member_cms), **extra}
     write_json(args.json, results)
     if args.save_dir:
         save_dir = Path(args.save_dir)
@@ -1276,18 +1435,27 @@ def find_images(paths):
     return list(dict.fromkeys(files))  # a file given twice (or inside a given folder too) is one row
 
 
-def cmd_predict(args):
-    """Class probabilities of each image file (or each image in a folder)."""
-    files = find_images(args.paths)  # a wrong path fails before the model loads
-    ckpt, rt, model = evaluation_setup(args)
-    classes = ckpt["classes"]
+def read_images(files, size, in_channels):
+    """predict's image files decoded for one input of the members: N x C x S x S, uint8."""
     images = []
     for f in files:
         try:
-            images.append(read_image(f, ckpt["image_size"], ckpt["in_channels"]))
+            images.append(read_image(f, size, in_channels))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise FerError(f"cannot read image {f} ({e}); remove it or give only image files") from None
-    probs = predict_probs(model, torch.stack(images), rt, args.batch_size, args.tta)
+    return torch.stack(images)
+
+
+def cmd_predict(args):
+    """Class probabilities of each image file (or each image in a folder)."""
+    if not args.paths:  # `predict --checkpoint a.pt face.jpg` took face.jpg for a checkpoint
+        raise FerError("no image files or folders given; give them before --checkpoint, which takes every "
+                       "path after it: fer.py predict faces/ --checkpoint a.pt b.pt")
+    files = find_images(args.paths)  # a wrong path fails before the model loads
+    rt, members = evaluation_setup(args)
+    classes = members[0].ckpt["classes"]
+    images = {key: read_images(files, *key) for key in member_inputs(members)}
+    probs, _ = ensemble_probs(members, images, rt, args.batch_size, args.tta)
     top = min(args.top, len(classes))
     results = []
     for f, p in zip(files, probs):
@@ -1303,10 +1471,11 @@ def cmd_predict(args):
     for r in results:
         log(f"{r['file']:<{name_w}}  {r['prediction']:<{pred_w}}  "
             + "  ".join(f"{r['probabilities'][c]:>{col_w}.3f}" for c in classes))
-    write_json(args.json, dict(arch=ckpt["arch"], tta=args.tta, classes=classes, predictions=results))
+    write_json(args.json, dict(arch=ensemble_arch(members), tta=args.tta, classes=classes, members=[member_dict(m) for m in members],
+                               predictions=results))
     if args.save_dir:
         make_folder(args.save_dir, "--save-dir")
-        picture = draw_predictions(images, results, classes)
+        picture = draw_predictions(images[members[0].input], results, classes)
         write_file(Path(args.save_dir) / "predictions.png", lambda f: picture.save(f, format="PNG"))
         log(f"wrote {Path(args.save_dir) / 'predictions.png'}")
     return results
@@ -1358,14 +1527,17 @@ def draw_confusion_matrix(cm, classes, cell=80, font_size=16):
 
 
 def draw_curves(history, best_epoch, width=960, height=360, font_size=14):
-    """Training loss (left) and validation accuracy and Macro-F1 (right) by epoch, the
-    kept epoch (best validation Macro-F1) marked by a grey line in both."""
+    """Training loss (left) and validation accuracy and Macro-F1 (right; with --ema the
+    averaged weights' Macro-F1 too) by epoch, the kept epoch (best validation Macro-F1)
+    marked by a grey line in both."""
     img = Image.new("RGB", (width, height), "white")
     d, font = ImageDraw.Draw(img), load_font(font_size)
     epochs = [h["epoch"] for h in history]
     panels = [("training loss", [("loss", [h["loss"] for h in history], "firebrick")]),
               ("validation", [("accuracy", [h["val_accuracy"] for h in history], "steelblue"),
                               ("Macro-F1", [h["val_macro_f1"] for h in history], "darkorange")])]
+    if "ema_val_macro_f1" in history[0]:
+        panels[1][1].append(("EMA Macro-F1", [h["ema_val_macro_f1"] for h in history], "seagreen"))
     for k, (title, series) in enumerate(panels):
         plot_panel(d, (k * width // 2, 0, (k + 1) * width // 2, height), epochs, series, best_epoch, title, font)
     return img
@@ -1658,7 +1830,9 @@ def runtime_options(q):
 
 
 def evaluation_options(q, data_help, data_default):
-    q.add_argument("--checkpoint", required=True, help="a .pt file written by train or export")
+    q.add_argument("--checkpoint", nargs="+", required=True, metavar="CKPT",
+                   help="a .pt file written by train or export; several are an ensemble, which averages their "
+                        "class probabilities, each network at its own image size")
     q.add_argument("--data", default=data_default, help=f"{data_help} (default: {data_default or 'the --data the checkpoint was trained with'})")
     q.add_argument("--batch-size", type=number(int, 1), default=128, help="(default: %(default)s)")
     q.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (default: print only)")
@@ -1722,6 +1896,10 @@ def add_train(sub):
     t.add_argument("--classes", type=class_list, metavar="A,B,...",
                    help="train on these class folders of DATA/train only, e.g. --data data/fer2013 --classes "
                         "angry,happy,neutral,sad,surprise (default: every class folder)")
+    t.add_argument("--ema", type=number(float, 0, 1, True, True), metavar="DECAY",
+                   help="also keep an exponential moving average of the weights and BatchNorm statistics, "
+                        "updated after every step with this decay (e.g. 0.999); validated each epoch beside "
+                        "the raw weights, and best.pt keeps whichever is better (default: off)")
     t.add_argument("--val-fraction", type=number(float, 0, 1, True, True),
                    help=f"share of each class of train/ held out for validation (default: {D['val_fraction']})")
     t.add_argument("--seed", type=int, help=f"seed of the split, the initialisation and the batches (default: {D['seed']})")
@@ -1763,9 +1941,11 @@ def add_evaluation(sub):
 def add_predict(sub):
     """`predict` on image files and folders."""
     r = sub.add_parser("predict", help="class probabilities of image files or folders", **FMT)
-    r.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
-    r.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="a .pt file written by train or export "
-                   "(default: checkpoints/resnet34.pt beside fer.py, the shipped five-class model)")
+    r.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders of images")
+    r.add_argument("--checkpoint", nargs="+", default=[DEFAULT_CHECKPOINT], metavar="CKPT",
+                   help="a .pt file written by train or export; several are an ensemble, which averages their "
+                        "class probabilities; give the PATHs first, as it takes every path after it "
+                        "(default: checkpoints/resnet34.pt beside fer.py, the shipped five-class model)")
     r.add_argument("--save-dir", metavar="DIR", help="write DIR/predictions.png: each face, its predicted "
                    "class and a bar of the class probabilities (default: none)")
     r.add_argument("--top", type=number(int, 1), default=3, metavar="K",

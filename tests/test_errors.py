@@ -320,6 +320,8 @@ def test_6_image_size_below_minimum(tiny_data, tmp_path, fer_cli):
     (("--model", "googlenet", "--image-size", "16"), "--image-size 16 is below googlenet's minimum of 31"),
     (("--model", "vgg11", "--image-size", "31"), "--image-size 31 is below vgg11's minimum of 32"),
     (("--model", "resnet18"), "--model: invalid choice: 'resnet18'"),
+    (("--ema", "1"), "--ema: 1 is out of range (must be > 0 and < 1)"),
+    (("--ema", "0"), "--ema: 0 is out of range (must be > 0 and < 1)"),
 ])
 def test_6_options_out_of_range(options, needle, tiny_data, tmp_path, fer_main):
     args = dict(zip(FAST[::2], FAST[1::2]))

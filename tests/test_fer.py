@@ -94,20 +94,22 @@ def test_test_writes_the_json_report(trained, tiny_data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule, mixup", [("onecycle", "0"), ("plateau", "0"), ("onecycle", "0.4")])
-def test_resume_continues_to_the_same_weights(schedule, mixup, tiny_data, tmp_path):
+@pytest.mark.parametrize("schedule, mixup, ema", [("onecycle", "0", None), ("plateau", "0", None),
+                                                  ("onecycle", "0.4", None), ("onecycle", "0", "0.9")])
+def test_resume_continues_to_the_same_weights(schedule, mixup, ema, tiny_data, tmp_path):
     """A run stopped after epoch 1 and resumed ends exactly like an uninterrupted
-    one, whether its schedule steps per batch or per epoch, and with mixup's
-    random blends. The two runs it is checked against run in this process, one
+    one, whether its schedule steps per batch or per epoch, with mixup's random
+    blends, and with --ema's average of the weights. The two runs it is checked against run in this process, one
     thread each as in the subprocess; the resume runs in a fresh process, so it
     cannot lean on anything the first epoch left in memory (random state above all)."""
-    args = ("--data", tiny_data, *FAST, "--epochs", "2", "--no-amp", "--schedule", schedule, "--mixup", mixup)
+    args = ("--data", tiny_data, *FAST, "--epochs", "2", "--no-amp", "--schedule", schedule, "--mixup", mixup,
+            *(("--ema", ema) if ema else ()))
     assert main_in_process("train", *args, "--out", tmp_path / "full")[0] == 0
     code, _, err = main_in_process("train", *args, "--out", tmp_path / "cut", "--dry-run")
     assert code == 0 and fer.load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1, err
-    if mixup == "0":  # a run saved before --mixup existed resumes as one without it
+    if mixup == "0" and not ema:  # a run saved before --mixup and --ema existed resumes as one without them
         ckpt = fer.load_checkpoint(tmp_path / "cut" / "last.pt")
-        del ckpt["args"]["mixup"]
+        del ckpt["args"]["mixup"], ckpt["args"]["ema"]
         torch.save(ckpt, tmp_path / "cut" / "last.pt")
     r = run_fer("train", "--resume", tmp_path / "cut" / "last.pt")
     assert r.returncode == 0, r.stderr
@@ -120,6 +122,10 @@ def test_resume_continues_to_the_same_weights(schedule, mixup, tiny_data, tmp_pa
     assert full["scheduler"]["last_epoch"] == (2 if schedule == "plateau" else 10)
     rates = [[h["lr"] for h in c["history"]] for c in (full, cut)]
     assert rates[0] == rates[1] and len(rates[0]) == 2
+    if ema:  # the average and its step count went on as if never stopped
+        assert state_dicts_equal(full["ema"], cut["ema"]) and cut["ema"]["n_averaged"] == 10
+        best = [fer.load_checkpoint(tmp_path / d / "best.pt")["state_dict"] for d in ("full", "cut")]
+        assert state_dicts_equal(*best)
 
 
 @pytest.mark.slow  # five epochs
@@ -271,7 +277,7 @@ def test_torchrun_two_processes_match_validate(tiny_data, tmp_path):
     out = tmp_path / "ddp"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 str(ROOT / "fer.py"), "train"]
-    r = subprocess.run([*torchrun, "--data", str(tiny_data), *FAST, "--epochs", "2", "--no-amp",
+    r = subprocess.run([*torchrun, "--data", str(tiny_data), *FAST, "--epochs", "2", "--no-amp", "--ema", "0.9",
                         "--out", str(out), "--dry-run"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 processes" in r.stdout and r.stdout.count("epoch   1/2") == 1  # only rank 0 prints
@@ -280,6 +286,7 @@ def test_torchrun_two_processes_match_validate(tiny_data, tmp_path):
     assert "epoch   2/2" in r.stdout
     ckpt = assert_validate_matches_training(out)
     assert ckpt["epoch"] == 2 and not any(k.startswith("module.") for k in ckpt["state_dict"])
+    assert not any(k.startswith("module.module.") for k in ckpt["ema"])  # the average is of the raw network
 
 
 def test_resume_refuses_options_it_would_ignore(trained, fer_cli):

@@ -75,7 +75,7 @@ def test_predict_table_and_json(checkpoint, images, tmp_path, fer_cli):
     files, folder, in_folder = images
     out = tmp_path / "predictions.json"
     # in_folder[1] is also named on its own: one row all the same
-    code, stdout, err = fer_cli("predict", "--checkpoint", checkpoint, *files, folder, in_folder[1],
+    code, stdout, err = fer_cli("predict", *files, folder, in_folder[1], "--checkpoint", checkpoint,
                                 "--json", out, "--top", "2", *THREADS)
     assert code == 0, err
     header, *rows = stdout.splitlines()
@@ -102,7 +102,7 @@ def test_predict_table_and_json(checkpoint, images, tmp_path, fer_cli):
 
 def test_predict_tencrop_and_top_above_classes(checkpoint, images, tmp_path):
     out = tmp_path / "p.json"
-    code, _, err = main_in_process("predict", "--checkpoint", checkpoint, images[0][0], "--tta", "tencrop",
+    code, _, err = main_in_process("predict", images[0][0], "--checkpoint", checkpoint, "--tta", "tencrop",
                                    "--top", "10", "--json", out, *THREADS)
     assert code == 0, err
     result = json.loads(out.read_text())
@@ -206,7 +206,7 @@ def test_predict_refuses_another_normalisation(checkpoint, images, tmp_path, cap
     ckpt["mean"] = 0.45
     torch.save(ckpt, tmp_path / "other.pt")
     with pytest.raises(SystemExit) as e:
-        fer.main(["predict", "--checkpoint", str(tmp_path / "other.pt"), str(images[0][0]), *THREADS])
+        fer.main(["predict", str(images[0][0]), "--checkpoint", str(tmp_path / "other.pt"), *THREADS])
     assert e.value.code == 2 and "normalises with 0.5" in capsys.readouterr().err
 
 

@@ -3,6 +3,7 @@ history.csv, curves.png), the progress line, schedules of short runs, and recipe
 import argparse
 import csv
 import io
+import json
 
 import pytest
 import torch
@@ -150,3 +151,42 @@ def test_readme_shows_the_recipes_as_train_help_does():
     for line in fer.recipe_table().splitlines()[2:]:
         net, *rest = line.split(None, 8)
         assert "| " + " | ".join([f"`{net}`", *rest]) + " |" in readme, line
+
+
+def state_dicts_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("winner", ["ema", "raw"])
+def test_ema_best_pt_keeps_the_weights_that_validated_better(winner, tiny_data, tmp_path, monkeypatch, fer_main):
+    """With --ema each epoch validates the raw weights, then the averaged ones. The
+    validation is rigged so that `winner` scores perfectly and the other not at all:
+    best.pt must hold the winner's weights (BatchNorm statistics included), say which,
+    and be a plain checkpoint that `validate` scores as training saw it."""
+    real, seen = fer.evaluate, []
+
+    def rigged(model, faces, idx, rt, batch_size, tta="none"):
+        cm, probs = real(model, faces, idx, rt, batch_size, tta)
+        seen.append(cm)
+        wins = (len(seen) % 2 == 0) == (winner == "ema")  # the raw weights first, then the average
+        return cm.sum(1).diag() if wins else cm.sum(1).diag().roll(1, 1), probs  # all right, or all wrong
+
+    monkeypatch.setattr(fer, "evaluate", rigged)
+    code, out, err = fer_main("train", "--data", tiny_data, *FAST, "--epochs", "1", "--no-amp", "--ema", "0.5",
+                              "--out", tmp_path)
+    monkeypatch.setattr(fer, "evaluate", real)
+    assert code == 0, err
+    assert "ema acc" in out and len(seen) == 2
+    best, last = fer.load_checkpoint(tmp_path / "best.pt"), fer.load_checkpoint(tmp_path / "last.pt")
+    average = {k.removeprefix("module."): v for k, v in last["ema"].items() if k != "n_averaged"}
+    assert last["ema"]["n_averaged"] == 5 and not state_dicts_equal(average, last["state_dict"])  # 5 steps
+    assert last["weights"] == "raw" and best["weights"] == winner and "ema" not in best
+    assert state_dicts_equal(best["state_dict"], average if winner == "ema" else last["state_dict"])
+    assert best["best_metric"] == best["val_metrics"]["macro_f1"] == 1.0
+    with open(tmp_path / "history.csv", newline="") as f:
+        assert next(csv.reader(f))[-2:] == ["ema_val_accuracy", "ema_val_macro_f1"]
+    code, _, err = fer_main("validate", "--checkpoint", tmp_path / "best.pt", "--threads", "1",
+                            "--json", tmp_path / "val.json")
+    assert code == 0, err
+    scored = seen[1] if winner == "ema" else seen[0]  # what training's (unrigged) evaluation found
+    assert json.loads((tmp_path / "val.json").read_text())["confusion_matrix"] == scored.tolist()

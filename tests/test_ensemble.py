@@ -1,0 +1,103 @@
+"""Ensembles: validate, test and predict with several checkpoints average their
+class probabilities, each member at its own image size; members of other classes,
+or validated on other splits, are refused in one line.
+
+Two tiny members: conftest's shared run (resnet34 at 32 px) and one more at 40 px
+with the same seed, so both hold out the same validation faces."""
+import json
+
+import pytest
+import torch
+
+import fer
+from conftest import FAST, main_in_process
+
+THREADS = ("--threads", "1")
+
+
+@pytest.fixture(scope="module")
+def members(tiny_run, tiny_data, tmp_path_factory):
+    """Two checkpoints of the same classes and validation split: 32 px and 40 px."""
+    out = tmp_path_factory.mktemp("member40")
+    args = dict(zip(FAST[::2], FAST[1::2]), **{"--image-size": "40"})
+    code, _, err = main_in_process("train", "--data", tiny_data, *sum(args.items(), ()), "--epochs", "2",
+                                   "--no-amp", *THREADS, "--out", out)
+    assert code == 0, err
+    return tiny_run[0] / "best.pt", out / "best.pt"
+
+
+def changed(path, dest, change):
+    """A copy of checkpoint `path` at `dest`, edited by change(ckpt)."""
+    ckpt = torch.load(path, weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, dest)
+    return dest
+
+
+def predict_json(tmp_path, name, paths, *checkpoints):
+    out = tmp_path / f"{name}.json"
+    code, _, err = main_in_process("predict", *paths, "--checkpoint", *checkpoints, "--tta", "flip",
+                                   "--json", out, *THREADS)
+    assert code == 0, err
+    return json.loads(out.read_text())
+
+
+def test_predict_averages_the_members_each_at_its_own_size(members, tiny_data, tmp_path):
+    a, b = members
+    paths = [tiny_data / "test" / "happy", tiny_data / "test" / "sad" / "000.jpg"]
+    alone = [predict_json(tmp_path, name, paths, ckpt) for name, ckpt in (("a", a), ("b", b))]
+    both = predict_json(tmp_path, "both", paths, a, b)
+    assert both["arch"] == "ensemble" and both["tta"] == "flip"
+    assert [(m["checkpoint"], m["image_size"]) for m in both["members"]] == [(str(a), 32), (str(b), 40)]
+    assert alone[0]["members"] == both["members"][:1] and alone[0]["arch"] == "resnet34"
+    assert len(both["predictions"]) == 5
+    for p, pa, pb in zip(both["predictions"], *(r["predictions"] for r in alone)):
+        assert p["file"] == pa["file"] == pb["file"]
+        for c, v in p["probabilities"].items():  # each figure rounded to 4 places
+            assert v == pytest.approx((pa["probabilities"][c] + pb["probabilities"][c]) / 2, abs=1.5e-4)
+
+
+@pytest.mark.parametrize("command", ["validate", "test"])
+def test_json_gives_the_ensembles_metrics_and_each_members(command, members, tiny_data, tmp_path):
+    a, b = members
+    data = () if command == "validate" else ("--data", tiny_data)
+    code, _, err = main_in_process(command, "--checkpoint", a, *data, *THREADS, "--json", tmp_path / "a.json")
+    assert code == 0, err
+    code, out, err = main_in_process(command, "--checkpoint", a, b, *data, *THREADS, "--json", tmp_path / "ab.json")
+    assert code == 0, err
+    alone, both = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("a", "ab"))
+    assert "an ensemble of 2" in out and f"  {b}: resnet34 epoch" in out  # a line per member
+    assert both["arch"] == "ensemble" and [m["checkpoint"] for m in both["members"]] == [str(a), str(b)]
+    assert sum(map(sum, both["confusion_matrix"])) == (3 if command == "validate" else 12)
+    first = both["members"][0]  # the first member's own figures, as it scores alone
+    assert {k: first[k] for k in ("accuracy", "macro_f1", "confusion_matrix")} == \
+        {k: alone[k] for k in ("accuracy", "macro_f1", "confusion_matrix")}
+    assert len(alone["members"]) == 1 and alone["members"][0]["confusion_matrix"] == alone["confusion_matrix"]
+    assert {"per_class", "image_size", "epoch", "weights"} <= both["members"][1].keys()
+
+
+@pytest.mark.parametrize("how", ["order", "names"])
+@pytest.mark.parametrize("command", ["validate", "test", "predict"])
+def test_members_of_other_classes_are_refused(command, how, members, tiny_data, tmp_path, fer_main):
+    a, _ = members
+    classes = ["happy", "angry", "sad"] if how == "order" else ["angry", "happy", "sadness"]
+    other = changed(a, tmp_path / "other.pt", lambda c: c.update(classes=classes))
+    paths, data = ((tiny_data / "test",), ()) if command == "predict" else ((), ("--data", tiny_data))
+    code, _, err = fer_main(command, *paths, "--checkpoint", a, other, *data, *THREADS)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{other} was trained on classes {classes}" in err and "same classes in the same order" in err
+
+
+def test_validate_refuses_members_of_other_splits_and_test_takes_them(members, tiny_data, tmp_path, fer_main):
+    a, _ = members
+    other = changed(a, tmp_path / "seed1.pt", lambda c: c["args"].update(seed=1))
+    code, _, err = fer_main("validate", "--checkpoint", a, other, *THREADS)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "with seed 0" in err and "with seed 1" in err and "same --data, --val-fraction and --seed" in err
+    assert fer_main("test", "--checkpoint", a, other, "--data", tiny_data, *THREADS)[0] == 0
+
+
+def test_predict_says_where_the_paths_go(members, tiny_data, fer_main):
+    """--checkpoint takes every path after it, so the images go first."""
+    code, _, err = fer_main("predict", "--checkpoint", members[0], tiny_data / "test", *THREADS)
+    assert code == 2 and "no image files or folders given; give them before --checkpoint" in err, err
