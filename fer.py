@@ -45,7 +45,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 import metrics
@@ -1204,32 +1204,135 @@ def find_images(paths):
     return list(dict.fromkeys(files))  # a file given twice (or inside a given folder too) is one row
 
 
+# Faces in photos: an optional extra, so that the core needs torch and torchvision only.
+# OpenCV 4.x ships its Haar face cascades inside the wheel, so nothing is downloaded at
+# run time (5.0 no longer ships them, and its FaceDetectorYN needs a model file that is
+# not in the wheel). Of the cascades shipped, alt2 found the most fer5 faces pasted into
+# photos, with few false boxes (RESULTS.md, Faces in photos).
+DETECTOR_INSTALL = 'pip install "opencv-python-headless<5"'
+CASCADE = "haarcascade_frontalface_alt2.xml"
+# FER2013's crops are a little wider than the box alt2 finds on them: on fer5 faces
+# pasted into photos, the crop's side was a median 1.06 times the box's (RESULTS.md).
+FACE_MARGIN = 1.06
+# A picture is taken for a face crop (and classified whole) when it is no longer than
+# this on its longer side and no further from square than this ratio of its sides.
+CROP_MAX_SIDE, CROP_MAX_ASPECT = 256, 1.5
+
+
+def note(message):
+    """A remark on predict's input: on stderr, so stdout keeps only the table."""
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def face_detector(detect):
+    """OpenCV's frontal-face cascade, or None to classify whole pictures: with
+    --no-detect, or without OpenCV when --detect was not asked for."""
+    if detect is False:
+        return None
+    try:
+        import cv2  # the optional extra: imported here only, so fer.py runs without it
+        path = os.path.join(cv2.data.haarcascades, CASCADE)
+    except (ImportError, AttributeError):  # AttributeError: an OpenCV without its cascades
+        path = None
+    if path is None or not os.path.isfile(path):
+        if detect:
+            raise FerError(f"--detect needs OpenCV 4's face detector, which is not installed; "
+                           f"{DETECTOR_INSTALL}, or leave out --detect to classify whole pictures")
+        return None
+    return cv2.CascadeClassifier(path)
+
+
+def find_faces(cascade, photo):
+    """Boxes (left, top, width, height) of the frontal faces in a PIL photo."""
+    import numpy as np  # comes with OpenCV, which takes arrays
+    gray = np.asarray(photo.convert("L"))
+    boxes = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(32, 32))
+    return sorted(tuple(int(v) for v in box) for box in boxes)  # left to right
+
+
+def crop_face(photo, box, size, in_channels):
+    """The face cut out as FER2013's faces were: a square FACE_MARGIN times the box
+    around its centre (black beyond the photo's edge), grayscale, resized."""
+    x, y, w, h = box
+    half = FACE_MARGIN * max(w, h) / 2
+    square = photo.crop(tuple(round(v) for v in (x + w / 2 - half, y + h / 2 - half, x + w / 2 + half, y + h / 2 + half)))
+    return image_transform(size)(square.convert("L").convert("RGB" if in_channels == 3 else "L"))
+
+
+def open_photo(path):
+    """A photo upright (as its camera's EXIF orientation says) in RGB."""
+    return ImageOps.exif_transpose(open_image(path, 3))
+
+
+def looks_cropped(size):
+    w, h = size
+    return max(w, h) <= CROP_MAX_SIDE and max(w, h) <= CROP_MAX_ASPECT * min(w, h)
+
+
+def faces_to_classify(path, size, in_channels, cascade, detect):
+    """[(box, image)] that predict classifies in the picture at `path`: each face the
+    detector finds, or the whole picture (box None) when detection is off or, without
+    --detect, when the picture looks like a face crop."""
+    with Image.open(path) as img:  # reads the header only
+        w, h = img.size
+    if cascade is None or (detect is None and looks_cropped((w, h))):
+        if detect is None and not looks_cropped((w, h)):
+            note(f"{path} is {w}x{h}, not a face crop: the network expects a cropped face, as in FER2013; "
+                 f"{DETECTOR_INSTALL} to find the faces first")
+        return [(None, read_image(path, size, in_channels))]
+    photo = open_photo(path)
+    return [(box, crop_face(photo, box, size, in_channels)) for box in find_faces(cascade, photo)]
+
+
+def check_faces_found(files, faces):
+    """Say which pictures had no face; refuse to go on when none had one."""
+    faceless = [f for f in files if f not in {f for f, _ in faces}]
+    hint = "give photos of frontal faces, or pass --no-detect to classify whole pictures"
+    if not faces:
+        raise FerError(f"no face found in {faceless[0] if len(faceless) == 1 else f'any of the {len(faceless)} pictures'}"
+                       f"; {hint}")
+    for f in faceless:
+        note(f"no face found in {f}, so it is not classified; {hint}")
+
+
+def box_text(box):
+    return ",".join(map(str, box)) if box else "-"
+
+
 def cmd_predict(args):
     """Class probabilities of each image file (or each image in a folder)."""
     files = find_images(args.paths)  # a wrong path fails before the model loads
+    cascade = face_detector(args.detect)  # and so does --detect without OpenCV
     ckpt, rt, model = evaluation_setup(args)
     classes = ckpt["classes"]
-    images = []
+    images, faces = [], []
     for f in files:
         try:
-            images.append(read_image(f, ckpt["image_size"], ckpt["in_channels"]))
+            found = faces_to_classify(f, ckpt["image_size"], ckpt["in_channels"], cascade, args.detect)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise FerError(f"cannot read image {f} ({e}); remove it or give only image files") from None
+        faces += [(f, box) for box, _ in found]
+        images += [image for _, image in found]
+    check_faces_found(files, faces)
     probs = predict_probs(model, torch.stack(images), rt, args.batch_size, args.tta)
     top = min(args.top, len(classes))
     results = []
-    for f, p in zip(files, probs):
+    for (f, box), p in zip(faces, probs):
         best = p.topk(top)
-        results.append(dict(file=str(f), prediction=classes[best.indices[0]],
+        results.append(dict(file=str(f), box=box, prediction=classes[best.indices[0]],
                             top=[dict(label=classes[i], probability=round(float(v), 4))
                                  for v, i in zip(best.values, best.indices)],
                             probabilities={c: round(float(v), 4) for c, v in zip(classes, p)}))
-    name_w = max(len("file"), *(len(r["file"]) for r in results))
+    # After the file, with detection, the face's box (- for a picture classified whole).
+    heads = ("file", "box") if any(r["box"] for r in results) else ("file",)
+    lead = [(r["file"], box_text(r["box"]))[:len(heads)] for r in results]
+    lead_w = [max(len(h), *(len(cells[i]) for cells in lead)) for i, h in enumerate(heads)]
     col_w = max(8, *(len(c) for c in classes))
     pred_w = max(len("predicted"), col_w)  # "predicted" is 9 wide: a col_w of 8 set rows off by one
-    log(f"{'file':<{name_w}}  {'predicted':<{pred_w}}  " + "  ".join(f"{c:>{col_w}}" for c in classes))
-    for r in results:
-        log(f"{r['file']:<{name_w}}  {r['prediction']:<{pred_w}}  "
+    log("  ".join(f"{h:<{w}}" for h, w in zip(heads, lead_w)) + f"  {'predicted':<{pred_w}}  "
+        + "  ".join(f"{c:>{col_w}}" for c in classes))
+    for r, cells in zip(results, lead):
+        log("  ".join(f"{c:<{w}}" for c, w in zip(cells, lead_w)) + f"  {r['prediction']:<{pred_w}}  "
             + "  ".join(f"{r['probabilities'][c]:>{col_w}.3f}" for c in classes))
     write_json(args.json, dict(arch=ckpt["arch"], tta=args.tta, classes=classes, predictions=results))
     if args.save_dir:
@@ -1237,6 +1340,7 @@ def cmd_predict(args):
         picture = draw_predictions(images, results, classes)
         write_file(Path(args.save_dir) / "predictions.png", lambda f: picture.save(f, format="PNG"))
         log(f"wrote {Path(args.save_dir) / 'predictions.png'}")
+        save_photos(args.save_dir, results)
     return results
 
 
@@ -1392,6 +1496,36 @@ def draw_predictions(images, results, classes, tile=112, font_size=13):
             d.rectangle((bx + name_w + 4, by + 2, bx + name_w + 4 + round(80 * p), by + line - 4), fill=ink)
             d.text((bx + name_w + 88, by), f"{p:.0%}", font=font, fill="dimgray")
     return img
+
+
+def draw_faces(photo, results, font_size=None):
+    """The photo with each face's box and, on a band above it, its predicted class
+    and probability. Lines and letters grow with the photo, so both stay legible."""
+    img = photo.copy()
+    d = ImageDraw.Draw(img)
+    font = load_font(font_size or max(12, round(min(img.size) / 32)))
+    width, pad = max(2, round(min(img.size) / 300)), 3
+    for r in results:
+        x, y, w, h = r["box"]
+        d.rectangle((x, y, x + w - 1, y + h - 1), outline="firebrick", width=width)
+        text = f"{r['prediction']} {r['probabilities'][r['prediction']]:.0%}"
+        _, _, tw, th = d.textbbox((0, 0), text, font=font)
+        ty = y - th - 2 * pad if y >= th + 2 * pad else y + width  # inside the box at the photo's top
+        d.rectangle((x, ty, x + tw + 2 * pad, ty + th + 2 * pad), fill="firebrick")
+        d.text((x + pad, ty + pad), text, font=font, fill="white")
+    return img
+
+
+def save_photos(save_dir, results):
+    """DIR/<name>_faces.png: each photo in which faces were found, annotated by draw_faces."""
+    written = set()
+    for k, f in enumerate(dict.fromkeys(r["file"] for r in results if r["box"])):
+        name = f"{Path(f).stem}_faces.png"
+        name = f"{Path(f).stem}_{k + 1}_faces.png" if name in written else name  # a/x.jpg and b/x.jpg
+        written.add(name)
+        picture = draw_faces(open_photo(f), [r for r in results if r["file"] == f])
+        write_file(Path(save_dir) / name, lambda out: picture.save(out, format="PNG"))
+        log(f"wrote {Path(save_dir) / name}")
 
 
 def cmd_export(args):
@@ -1681,6 +1815,11 @@ def add_predict(sub):
     r.add_argument("--top", type=number(int, 1), default=3, metavar="K",
                    help="how many classes, most probable first, the JSON's `top` lists per image; the table "
                         "and the JSON's `probabilities` always give every class (default: %(default)s)")
+    r.add_argument("--detect", action=argparse.BooleanOptionalAction, default=None,
+                   help="find the frontal faces in each picture first, and classify each face "
+                        f"(needs OpenCV: {DETECTOR_INSTALL}); default: with OpenCV installed, on for pictures "
+                        f"that are not face crops (longer side above {CROP_MAX_SIDE} px, or sides further apart "
+                        f"than {CROP_MAX_ASPECT:g}:1), else off")
     r.add_argument("--tta", **TTA)
     r.add_argument("--batch-size", type=number(int, 1), default=128, help="(default: %(default)s)")
     r.add_argument("--json", metavar="PATH", help="also write the predictions as JSON to PATH (default: print only)")
