@@ -1254,8 +1254,8 @@ def crop_face(photo, box, size, in_channels):
     """The face cut out as FER2013's faces were: a square FACE_MARGIN times the box
     around its centre (black beyond the photo's edge), grayscale, resized."""
     x, y, w, h = box
-    half = FACE_MARGIN * max(w, h) / 2
-    square = photo.crop(tuple(round(v) for v in (x + w / 2 - half, y + h / 2 - half, x + w / 2 + half, y + h / 2 + half)))
+    cx, cy, half = x + w / 2, y + h / 2, FACE_MARGIN * max(w, h) / 2
+    square = photo.crop(tuple(round(v) for v in (cx - half, cy - half, cx + half, cy + half)))
     return image_transform(size)(square.convert("L").convert("RGB" if in_channels == 3 else "L"))
 
 
@@ -1265,6 +1265,7 @@ def open_photo(path):
 
 
 def looks_cropped(size):
+    """Whether a picture of `size` (width, height) passes for a face crop."""
     w, h = size
     return max(w, h) <= CROP_MAX_SIDE and max(w, h) <= CROP_MAX_ASPECT * min(w, h)
 
@@ -1275,8 +1276,9 @@ def faces_to_classify(path, size, in_channels, cascade, detect):
     --detect, when the picture looks like a face crop."""
     with Image.open(path) as img:  # reads the header only
         w, h = img.size
-    if cascade is None or (detect is None and looks_cropped((w, h))):
-        if detect is None and not looks_cropped((w, h)):
+    search = not looks_cropped((w, h)) if detect is None else detect
+    if not search or cascade is None:  # (--detect without OpenCV stopped in face_detector)
+        if search:
             note(f"{path} is {w}x{h}, not a face crop: the network expects a cropped face, as in FER2013; "
                  f"{DETECTOR_INSTALL} to find the faces first")
         return [(None, read_image(path, size, in_channels))]
@@ -1286,11 +1288,12 @@ def faces_to_classify(path, size, in_channels, cascade, detect):
 
 def check_faces_found(files, faces):
     """Say which pictures had no face; refuse to go on when none had one."""
-    faceless = [f for f in files if f not in {f for f, _ in faces}]
+    found = {f for f, _ in faces}
+    faceless = [f for f in files if f not in found]
     hint = "give photos of frontal faces, or pass --no-detect to classify whole pictures"
     if not faces:
-        raise FerError(f"no face found in {faceless[0] if len(faceless) == 1 else f'any of the {len(faceless)} pictures'}"
-                       f"; {hint}")
+        where = faceless[0] if len(faceless) == 1 else f"any of the {len(faceless)} pictures"
+        raise FerError(f"no face found in {where}; {hint}")
     for f in faceless:
         note(f"no face found in {f}, so it is not classified; {hint}")
 
@@ -1498,12 +1501,12 @@ def draw_predictions(images, results, classes, tile=112, font_size=13):
     return img
 
 
-def draw_faces(photo, results, font_size=None):
+def draw_faces(photo, results):
     """The photo with each face's box and, on a band above it, its predicted class
     and probability. Lines and letters grow with the photo, so both stay legible."""
     img = photo.copy()
     d = ImageDraw.Draw(img)
-    font = load_font(font_size or max(12, round(min(img.size) / 32)))
+    font = load_font(max(12, round(min(img.size) / 32)))
     width, pad = max(2, round(min(img.size) / 300)), 3
     for r in results:
         x, y, w, h = r["box"]
