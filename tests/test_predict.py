@@ -275,7 +275,8 @@ def test_detect_two_faces_rows_boxes_json_and_picture(tmp_path, fer_main):
 
 def test_detect_by_default_on_photos_only_and_says_when_none_is_found(tmp_path, fer_main):
     """Without --detect, OpenCV searches pictures that are not face crops; a face
-    crop is classified whole (box -), and a photo without a face is not classified."""
+    crop is classified whole (box -), and a photo without a face is not classified
+    (alone, it is an error: tests/test_errors.py, case 11)."""
     pytest.importorskip("cv2")
     compose_photo(tmp_path / "photo.png", TWO_FACES[:1])
     compose_photo(tmp_path / "empty.png", [])
@@ -287,25 +288,12 @@ def test_detect_by_default_on_photos_only_and_says_when_none_is_found(tmp_path, 
     assert rows[0][1] != "-" and rows[1][1] == "-"
     assert err.splitlines() == [f"note: no face found in {tmp_path / 'empty.png'}, so it is not classified; "
                                 "give photos of frontal faces, or pass --no-detect to classify whole pictures"]
-    code, _, err = fer_main("predict", tmp_path / "empty.png", *THREADS)
-    assert code == 2 and err.splitlines() == [f"fer.py predict: error: no face found in {tmp_path / 'empty.png'}; "
-                                              "give photos of frontal faces, or pass --no-detect to classify "
-                                              "whole pictures"]
 
 
 @pytest.fixture
 def no_opencv(monkeypatch):
     """As if OpenCV were not installed, whether or not it is: `import cv2` fails."""
     monkeypatch.setitem(sys.modules, "cv2", None)
-
-
-def test_detect_without_opencv_says_what_to_install(no_opencv, tmp_path, fer_main):
-    compose_photo(tmp_path / "photo.png", TWO_FACES)
-    code, out, err = fer_main("predict", "--detect", tmp_path / "photo.png", *THREADS)
-    assert code == 2 and out == "" and "Traceback" not in err
-    assert err.splitlines() == ['fer.py predict: error: --detect needs OpenCV 4\'s face detector, which is not '
-                                'installed; pip install "opencv-python-headless<5", or leave out --detect to '
-                                'classify whole pictures']
 
 
 def test_without_opencv_a_photo_is_classified_whole_with_a_note(no_opencv, checkpoint, images, tmp_path, fer_main):
