@@ -1304,7 +1304,8 @@ def box_text(box):
 
 
 def cmd_predict(args):
-    """Class probabilities of each image file (or each image in a folder)."""
+    """Class probabilities of each image file (or each image in a folder), or of each
+    face found in it (face_detector)."""
     files = find_images(args.paths)  # a wrong path fails before the model loads
     cascade = face_detector(args.detect)  # and so does --detect without OpenCV
     ckpt, rt, model = evaluation_setup(args)
@@ -1815,7 +1816,8 @@ def add_predict(sub):
     r.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="a .pt file written by train or export "
                    "(default: checkpoints/resnet34.pt beside fer.py, the shipped five-class model)")
     r.add_argument("--save-dir", metavar="DIR", help="write DIR/predictions.png: each face, its predicted "
-                   "class and a bar of the class probabilities (default: none)")
+                   "class and a bar of the class probabilities; and for each photo in which faces were found, "
+                   "DIR/NAME_faces.png: the photo with each face's box, class and probability (default: none)")
     r.add_argument("--top", type=number(int, 1), default=3, metavar="K",
                    help="how many classes, most probable first, the JSON's `top` lists per image; the table "
                         "and the JSON's `probabilities` always give every class (default: %(default)s)")
