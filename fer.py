@@ -1208,7 +1208,7 @@ def find_images(paths):
 # OpenCV 4.x ships its Haar face cascades inside the wheel, so nothing is downloaded at
 # run time (5.0 no longer ships them, and its FaceDetectorYN needs a model file that is
 # not in the wheel). Of its four frontal-face cascades, alt found as many fer5 faces
-# pasted into photos as the best (default, alt2) with a third fewer false boxes
+# pasted into photos as the best (default, alt2) with about a third fewer false boxes
 # (RESULTS.md, Faces in photos).
 DETECTOR_INSTALL = 'pip install "opencv-python-headless<5"'
 CASCADE = "haarcascade_frontalface_alt.xml"
@@ -1247,6 +1247,7 @@ def find_faces(cascade, photo):
     """Boxes (left, top, width, height) of the frontal faces in a PIL photo."""
     import numpy as np  # comes with OpenCV, which takes arrays
     gray = np.asarray(photo.convert("L"))
+    # minSize: a face under 32 px holds too little for networks trained on 48 px faces
     boxes = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(32, 32))
     return sorted(tuple(int(v) for v in box) for box in boxes)  # left to right
 
