@@ -312,10 +312,11 @@ def test_without_opencv_a_photo_is_classified_whole_with_a_note(no_opencv, check
     assert code == 0 and err == ""  # asked for: no note
 
 
-def test_crop_face_is_a_grayscale_square_padded_at_the_edge():
+def test_crop_face_is_a_grayscale_square_padded_at_the_edge(monkeypatch):
+    monkeypatch.setattr(fer, "FACE_MARGIN", 2)  # a wide margin, so that the padding shows
     photo = Image.new("RGB", (100, 80), (200, 40, 40))
-    face = fer.crop_face(photo, (0, 0, 50, 50), 32, 3)  # a face at the corner: black beyond the edge
+    face = fer.crop_face(photo, (0, 0, 40, 40), 32, 3)  # the square (-20, -20)-(60, 60): black beyond the edge
     assert face.shape == (3, 32, 32) and face.dtype == torch.uint8
     assert torch.equal(face[0], face[1]) and torch.equal(face[1], face[2])  # grayscale, as FER2013
-    assert face[0, 0, 0] == 0 and face[0, 16, 16] == round(0.299 * 200 + 0.587 * 40 + 0.114 * 40)
+    assert face[0, 0, 0] == 0 and face[0, 24, 24] == round(0.299 * 200 + 0.587 * 40 + 0.114 * 40)
     assert fer.crop_face(photo, (10, 10, 40, 40), 48, 1).shape == (1, 48, 48)
