@@ -1516,9 +1516,10 @@ def draw_faces(photo, results):
         d.rectangle((x, y, x + w - 1, y + h - 1), outline="firebrick", width=width)
         text = f"{r['prediction']} {r['probabilities'][r['prediction']]:.0%}"
         _, _, tw, th = d.textbbox((0, 0), text, font=font)
+        tx = max(0, min(x, img.width - tw - 2 * pad))  # whole, for a face at the photo's right edge
         ty = y - th - 2 * pad if y >= th + 2 * pad else y + width  # inside the box at the photo's top
-        d.rectangle((x, ty, x + tw + 2 * pad, ty + th + 2 * pad), fill="firebrick")
-        d.text((x + pad, ty + pad), text, font=font, fill="white")
+        d.rectangle((tx, ty, tx + tw + 2 * pad, ty + th + 2 * pad), fill="firebrick")
+        d.text((tx + pad, ty + pad), text, font=font, fill="white")
     return img
 
 

@@ -247,7 +247,7 @@ def iou(a, b):
     return w * h / (a[2] * a[3] + b[2] * b[3] - w * h)
 
 
-# Two faces that alt2 finds at 160 px, and that the shipped network reads right.
+# Two faces that the alt cascade finds at 160 px, and that the shipped network reads right.
 TWO_FACES = [("happy_1", (60, 100)), ("neutral_2", (380, 100))]
 
 
