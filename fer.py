@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -1435,49 +1435,176 @@ def find_images(paths):
     return list(dict.fromkeys(files))  # a file given twice (or inside a given folder too) is one row
 
 
-def read_images(files, size, in_channels):
-    """predict's image files decoded for one input of the members: N x C x S x S, uint8."""
-    images = []
+# Faces in photos: an optional extra, so that the core needs torch and torchvision only.
+# OpenCV 4.x ships its Haar face cascades inside the wheel, so nothing is downloaded at
+# run time (5.0 no longer ships them, and its FaceDetectorYN needs a model file that is
+# not in the wheel). Of its four frontal-face cascades, alt found as many fer5 faces
+# pasted into photos as the best (default, alt2) with about a third fewer false boxes
+# (RESULTS.md, Faces in photos).
+DETECTOR_INSTALL = 'pip install "opencv-python-headless<5"'
+CASCADE = "haarcascade_frontalface_alt.xml"
+# FER2013's crops are a little wider than the box alt finds on them: on fer5 faces
+# pasted into photos at 160 px, the crop's side was a median 1.05 times the box's.
+FACE_MARGIN = 1.05
+# A picture is taken for a face crop (and classified whole) when it is no longer than
+# this on its longer side and no further from square than this ratio of its sides.
+CROP_MAX_SIDE, CROP_MAX_ASPECT = 256, 1.5
+
+
+def note(message):
+    """A remark on predict's input: on stderr, so stdout keeps only the table."""
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def face_detector(detect):
+    """OpenCV's frontal-face cascade, or None to classify whole pictures: with
+    --no-detect, or without OpenCV when --detect was not asked for."""
+    if detect is False:
+        return None
+    try:
+        import cv2  # the optional extra: imported here only, so fer.py runs without it
+        path = os.path.join(cv2.data.haarcascades, CASCADE)
+    except (ImportError, AttributeError):  # AttributeError: an OpenCV without its cascades
+        path = None
+    if path is None or not os.path.isfile(path):
+        if detect:
+            raise FerError(f"--detect needs OpenCV 4's face detector, which is not installed; "
+                           f"{DETECTOR_INSTALL}, or leave out --detect to classify whole pictures")
+        return None
+    return cv2.CascadeClassifier(path)
+
+
+def find_faces(cascade, photo):
+    """Boxes (left, top, width, height) of the frontal faces in a PIL photo."""
+    import numpy as np  # comes with OpenCV, which takes arrays
+    gray = np.asarray(photo.convert("L"))
+    # minSize: a face under 32 px holds too little for networks trained on 48 px faces
+    boxes = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(32, 32))
+    return sorted(tuple(int(v) for v in box) for box in boxes)  # left to right
+
+
+def crop_face(photo, box, size, in_channels):
+    """The face cut out as FER2013's faces were: a square FACE_MARGIN times the box
+    around its centre (black beyond the photo's edge), grayscale, resized."""
+    x, y, w, h = box
+    cx, cy, half = x + w / 2, y + h / 2, FACE_MARGIN * max(w, h) / 2
+    square = photo.crop(tuple(round(v) for v in (cx - half, cy - half, cx + half, cy + half)))
+    return image_transform(size)(square.convert("L").convert("RGB" if in_channels == 3 else "L"))
+
+
+def open_photo(path):
+    """A photo upright (as its camera's EXIF orientation says) in RGB."""
+    return ImageOps.exif_transpose(open_image(path, 3))
+
+
+def looks_cropped(size):
+    """Whether a picture of `size` (width, height) passes for a face crop."""
+    w, h = size
+    return max(w, h) <= CROP_MAX_SIDE and max(w, h) <= CROP_MAX_ASPECT * min(w, h)
+
+
+def faces_to_classify(path, cascade, detect):
+    """The picture at `path` and the boxes predict classifies in it: each face the
+    detector finds, or [None], the whole picture, when detection is off or, without
+    --detect, when the picture looks like a face crop (then the picture is not opened)."""
+    with Image.open(path) as img:  # reads the header only
+        w, h = img.size
+    search = not looks_cropped((w, h)) if detect is None else detect
+    if not search or cascade is None:  # (--detect without OpenCV stopped in face_detector)
+        if search:
+            note(f"{path} is {w}x{h}, not a face crop: the network expects a cropped face, as in FER2013; "
+                 f"{DETECTOR_INSTALL} to find the faces first")
+        return None, [None]
+    photo = open_photo(path)
+    return photo, find_faces(cascade, photo)
+
+
+def face_image(path, photo, box, size, in_channels):
+    """One face (or the whole picture, box None) decoded for one input of the members."""
+    return read_image(path, size, in_channels) if box is None else crop_face(photo, box, size, in_channels)
+
+
+def read_faces(files, cascade, detect, inputs):
+    """(file, box) of every face predict classifies, and their images decoded for each
+    input of the members: {(size, channels): N x C x S x S uint8}."""
+    faces, images = [], {key: [] for key in inputs}
     for f in files:
         try:
-            images.append(read_image(f, size, in_channels))
+            photo, boxes = faces_to_classify(f, cascade, detect)
+            for key in images:
+                images[key] += [face_image(f, photo, box, *key) for box in boxes]
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise FerError(f"cannot read image {f} ({e}); remove it or give only image files") from None
-    return torch.stack(images)
+        faces += [(f, box) for box in boxes]
+    check_faces_found(files, faces)
+    return faces, {key: torch.stack(v) for key, v in images.items()}
+
+
+def check_faces_found(files, faces):
+    """Say which pictures had no face; refuse to go on when none had one."""
+    found = {f for f, _ in faces}
+    faceless = [f for f in files if f not in found]
+    hint = "give photos of frontal faces, or pass --no-detect to classify whole pictures"
+    if not faces:
+        where = faceless[0] if len(faceless) == 1 else f"any of the {len(faceless)} pictures"
+        raise FerError(f"no face found in {where}; {hint}")
+    for f in faceless:
+        note(f"no face found in {f}, so it is not classified; {hint}")
+
+
+def box_text(box):
+    return ",".join(map(str, box)) if box else "-"
+
+
+def prediction_rows(faces, probs, classes, top):
+    """predict's result per face: file, box, top class, the `top` best and every class."""
+    results = []
+    for (f, box), p in zip(faces, probs):
+        best = p.topk(min(top, len(classes)))
+        results.append(dict(file=str(f), box=box, prediction=classes[best.indices[0]],
+                            top=[dict(label=classes[i], probability=round(float(v), 4))
+                                 for v, i in zip(best.values, best.indices)],
+                            probabilities={c: round(float(v), 4) for c, v in zip(classes, p)}))
+    return results
+
+
+def log_prediction_table(results, classes):
+    """One row per face: file, (with detection) its box, predicted class, probabilities."""
+    # After the file, with detection, the face's box (- for a picture classified whole).
+    heads = ("file", "box") if any(r["box"] for r in results) else ("file",)
+    lead = [(r["file"], box_text(r["box"]))[:len(heads)] for r in results]
+    lead_w = [max(len(h), *(len(cells[i]) for cells in lead)) for i, h in enumerate(heads)]
+    col_w = max(8, *(len(c) for c in classes))
+    pred_w = max(len("predicted"), col_w)  # "predicted" is 9 wide: a col_w of 8 set rows off by one
+    log("  ".join(f"{h:<{w}}" for h, w in zip(heads, lead_w)) + f"  {'predicted':<{pred_w}}  "
+        + "  ".join(f"{c:>{col_w}}" for c in classes))
+    for r, cells in zip(results, lead):
+        log("  ".join(f"{c:<{w}}" for c, w in zip(cells, lead_w)) + f"  {r['prediction']:<{pred_w}}  "
+            + "  ".join(f"{r['probabilities'][c]:>{col_w}.3f}" for c in classes))
 
 
 def cmd_predict(args):
-    """Class probabilities of each image file (or each image in a folder)."""
+    """Class probabilities of each image file (or each image in a folder), or of each
+    face found in it (face_detector)."""
     if not args.paths:  # `predict --checkpoint a.pt face.jpg` took face.jpg for a checkpoint
         raise FerError("no image files or folders given; give them before --checkpoint, which takes every "
                        "path after it: fer.py predict faces/ --checkpoint a.pt b.pt")
     files = find_images(args.paths)  # a wrong path fails before the model loads
+    cascade = face_detector(args.detect)  # and so does --detect without OpenCV
     rt, members = evaluation_setup(args)
     classes = members[0].ckpt["classes"]
-    images = {key: read_images(files, *key) for key in member_inputs(members)}
+    faces, images = read_faces(files, cascade, args.detect, member_inputs(members))
     probs, _ = ensemble_probs(members, images, rt, args.batch_size, args.tta)
-    top = min(args.top, len(classes))
-    results = []
-    for f, p in zip(files, probs):
-        best = p.topk(top)
-        results.append(dict(file=str(f), prediction=classes[best.indices[0]],
-                            top=[dict(label=classes[i], probability=round(float(v), 4))
-                                 for v, i in zip(best.values, best.indices)],
-                            probabilities={c: round(float(v), 4) for c, v in zip(classes, p)}))
-    name_w = max(len("file"), *(len(r["file"]) for r in results))
-    col_w = max(8, *(len(c) for c in classes))
-    pred_w = max(len("predicted"), col_w)  # "predicted" is 9 wide: a col_w of 8 set rows off by one
-    log(f"{'file':<{name_w}}  {'predicted':<{pred_w}}  " + "  ".join(f"{c:>{col_w}}" for c in classes))
-    for r in results:
-        log(f"{r['file']:<{name_w}}  {r['prediction']:<{pred_w}}  "
-            + "  ".join(f"{r['probabilities'][c]:>{col_w}.3f}" for c in classes))
-    write_json(args.json, dict(arch=ensemble_arch(members), tta=args.tta, classes=classes, members=[member_dict(m) for m in members],
-                               predictions=results))
+    results = prediction_rows(faces, probs, classes, args.top)
+    log_prediction_table(results, classes)
+    write_json(args.json, dict(arch=ensemble_arch(members), tta=args.tta, classes=classes,
+                               members=[member_dict(m) for m in members], predictions=results))
     if args.save_dir:
         make_folder(args.save_dir, "--save-dir")
         picture = draw_predictions(images[members[0].input], results, classes)
         write_file(Path(args.save_dir) / "predictions.png", lambda f: picture.save(f, format="PNG"))
         log(f"wrote {Path(args.save_dir) / 'predictions.png'}")
+        save_photos(args.save_dir, results)
     return results
 
 
@@ -1636,6 +1763,37 @@ def draw_predictions(images, results, classes, tile=112, font_size=13):
             d.rectangle((bx + name_w + 4, by + 2, bx + name_w + 4 + round(80 * p), by + line - 4), fill=ink)
             d.text((bx + name_w + 88, by), f"{p:.0%}", font=font, fill="dimgray")
     return img
+
+
+def draw_faces(photo, results):
+    """The photo with each face's box and, on a band above it, its predicted class
+    and probability. Lines and letters grow with the photo, so both stay legible."""
+    img = photo.copy()
+    d = ImageDraw.Draw(img)
+    font = load_font(max(12, round(min(img.size) / 32)))
+    width, pad = max(2, round(min(img.size) / 300)), 3
+    for r in results:
+        x, y, w, h = r["box"]
+        d.rectangle((x, y, x + w - 1, y + h - 1), outline="firebrick", width=width)
+        text = f"{r['prediction']} {r['probabilities'][r['prediction']]:.0%}"
+        _, _, tw, th = d.textbbox((0, 0), text, font=font)
+        tx = max(0, min(x, img.width - tw - 2 * pad))  # whole, for a face at the photo's right edge
+        ty = y - th - 2 * pad if y >= th + 2 * pad else y + width  # inside the box at the photo's top
+        d.rectangle((tx, ty, tx + tw + 2 * pad, ty + th + 2 * pad), fill="firebrick")
+        d.text((tx + pad, ty + pad), text, font=font, fill="white")
+    return img
+
+
+def save_photos(save_dir, results):
+    """DIR/<name>_faces.png: each photo in which faces were found, annotated by draw_faces."""
+    written = set()
+    for k, f in enumerate(dict.fromkeys(r["file"] for r in results if r["box"])):
+        name = f"{Path(f).stem}_faces.png"
+        name = f"{Path(f).stem}_{k + 1}_faces.png" if name in written else name  # a/x.jpg and b/x.jpg
+        written.add(name)
+        picture = draw_faces(open_photo(f), [r for r in results if r["file"] == f])
+        write_file(Path(save_dir) / name, lambda out: picture.save(out, format="PNG"))
+        log(f"wrote {Path(save_dir) / name}")
 
 
 def cmd_export(args):
@@ -1947,10 +2105,16 @@ def add_predict(sub):
                         "class probabilities; give the PATHs first, as it takes every path after it "
                         "(default: checkpoints/resnet34.pt beside fer.py, the shipped five-class model)")
     r.add_argument("--save-dir", metavar="DIR", help="write DIR/predictions.png: each face, its predicted "
-                   "class and a bar of the class probabilities (default: none)")
+                   "class and a bar of the class probabilities; and for each photo in which faces were found, "
+                   "DIR/NAME_faces.png: the photo with each face's box, class and probability (default: none)")
     r.add_argument("--top", type=number(int, 1), default=3, metavar="K",
                    help="how many classes, most probable first, the JSON's `top` lists per image; the table "
                         "and the JSON's `probabilities` always give every class (default: %(default)s)")
+    r.add_argument("--detect", action=argparse.BooleanOptionalAction, default=None,
+                   help="find the frontal faces in each picture first, and classify each face "
+                        f"(needs OpenCV: {DETECTOR_INSTALL}); default: with OpenCV installed, on for pictures "
+                        f"that are not face crops (longer side above {CROP_MAX_SIDE} px, or sides further apart "
+                        f"than {CROP_MAX_ASPECT:g}:1), else off")
     r.add_argument("--tta", **TTA)
     r.add_argument("--batch-size", type=number(int, 1), default=128, help="(default: %(default)s)")
     r.add_argument("--json", metavar="PATH", help="also write the predictions as JSON to PATH (default: print only)")

@@ -26,7 +26,7 @@ import torch.nn as nn
 from PIL import Image
 
 import fer
-from conftest import CLASSES, FAST, ROOT, main_in_process, run_fer, write_faces
+from conftest import CLASSES, ENV, FAST, ROOT, main_in_process, run_fer, write_faces
 
 EPOCHS = 2  # the shared run, conftest's `tiny_run`
 # Case 7 interrupts a run of three epochs after epoch 1 and compares it with an
@@ -510,3 +510,34 @@ def test_9_read_only_out_folder(tiny_data, tmp_path, fer_main):
                      f"--out folder {out} is not writable", "choose another --out")
     finally:
         out.chmod(0o700)
+
+
+# ----------------------------------------------------------------------------
+# 11. predict: --detect without OpenCV, a photo without a face
+
+DETECT_NEEDLES = ("--detect needs OpenCV 4's face detector, which is not installed",
+                  'pip install "opencv-python-headless<5"', "leave out --detect")
+
+
+def test_11_detect_without_opencv_says_what_to_install(monkeypatch, fer_main):
+    monkeypatch.setitem(sys.modules, "cv2", None)  # `import cv2` fails, whether or not OpenCV is installed
+    code, out, err = fer_main("predict", "--detect", ROOT / "samples" / "happy_1.png")
+    assert_error(code, err, *DETECT_NEEDLES)
+    assert out == ""  # before the model loads
+
+
+@pytest.mark.slow
+def test_11_detect_without_opencv_in_a_subprocess(tmp_path):
+    (tmp_path / "cv2.py").write_text("raise ImportError('no OpenCV here')\n")  # shadows an installed one
+    r = subprocess.run([sys.executable, str(ROOT / "fer.py"), "predict", "--detect", str(ROOT / "samples" / "happy_1.png")],
+                       env={**ENV, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True, timeout=300)
+    assert_error(r.returncode, r.stderr, *DETECT_NEEDLES)
+
+
+def test_11_a_photo_without_a_face_is_not_classified(run, tmp_path, fer_cli):
+    pytest.importorskip("cv2")
+    Image.new("RGB", (640, 360), (90, 120, 150)).save(tmp_path / "empty.png")
+    code, out, err = fer_cli("predict", tmp_path / "empty.png", "--checkpoint", run / "best.pt", "--threads", "1")
+    assert_error(code, err, f"no face found in {tmp_path / 'empty.png'}", "give photos of frontal faces",
+                 "--no-detect to classify whole pictures")
+    assert out == ""

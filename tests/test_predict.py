@@ -7,6 +7,7 @@ functions are checked in-process.
 """
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,8 +76,9 @@ def test_predict_table_and_json(checkpoint, images, tmp_path, fer_cli):
     files, folder, in_folder = images
     out = tmp_path / "predictions.json"
     # in_folder[1] is also named on its own: one row all the same
+    # --no-detect: wide.png and large.jpg are not face crops, which OpenCV, when installed, would search
     code, stdout, err = fer_cli("predict", *files, folder, in_folder[1], "--checkpoint", checkpoint,
-                                "--json", out, "--top", "2", *THREADS)
+                                "--json", out, "--top", "2", "--no-detect", *THREADS)
     assert code == 0, err
     header, *rows = stdout.splitlines()
     expected = [str(f) for f in files + in_folder]
@@ -223,3 +225,98 @@ def test_predict_samples_with_the_shipped_checkpoint_and_its_picture(tmp_path, f
     assert sum(Path(r["file"]).name.split("_")[0] == r["prediction"] for r in res["predictions"]) >= 8
     with Image.open(tmp_path / "predictions.png") as img:
         assert img.size[0] > 3 * 112 and img.size[1] > 5 * 112  # 3 cards a row, 5 rows
+
+
+# ----------------------------------------------------------------------------
+# Faces in photos: OpenCV's detector, an optional extra
+
+def compose_photo(path, faces, size=(640, 360), side=160):
+    """A 'photo': sample faces scaled to `side` px, pasted at (x, y) on a flat
+    background. Returns the pasted squares as (left, top, width, height)."""
+    photo = Image.new("RGB", size, (90, 120, 150))
+    for name, xy in faces:
+        with Image.open(ROOT / "samples" / f"{name}.png") as face:
+            photo.paste(face.convert("RGB").resize((side, side), Image.BICUBIC), xy)
+    photo.save(path)
+    return [(x, y, side, side) for _, (x, y) in faces]
+
+
+def iou(a, b):
+    w = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    return w * h / (a[2] * a[3] + b[2] * b[3] - w * h)
+
+
+# Two faces that the alt cascade finds at 160 px, and that the shipped network reads right.
+TWO_FACES = [("happy_1", (60, 100)), ("neutral_2", (380, 100))]
+
+
+def test_detect_two_faces_rows_boxes_json_and_picture(tmp_path, fer_main):
+    """The issue's done-when: two faces in a photo, two rows with boxes, the
+    boxes in the JSON, and the photo written with the boxes drawn on it."""
+    pytest.importorskip("cv2")
+    squares = compose_photo(tmp_path / "photo.png", TWO_FACES)
+    code, out, err = fer_main("predict", "--detect", tmp_path / "photo.png", "--save-dir", tmp_path / "out",
+                              "--json", tmp_path / "p.json", *THREADS)
+    assert code == 0 and err == "", err
+    header, *rows = out.splitlines()[:3]
+    assert header.split()[:3] == ["file", "box", "predicted"]
+    preds = json.loads((tmp_path / "p.json").read_text())["predictions"]
+    assert [p["prediction"] for p in preds] == ["happy", "neutral"]  # left to right
+    for p, row, square in zip(preds, rows, squares):
+        assert iou(p["box"], square) > 0.5
+        assert row.split()[:3] == [str(tmp_path / "photo.png"), ",".join(map(str, p["box"])), p["prediction"]]
+    with Image.open(tmp_path / "out" / "photo_faces.png") as img:
+        assert img.size == (640, 360)
+        x, y, w, h = preds[0]["box"]
+        assert img.getpixel((x, y + h // 2)) == (178, 34, 34)  # the box's left edge, in firebrick
+    assert (tmp_path / "out" / "predictions.png").is_file()  # the faces as the network saw them
+
+
+def test_detect_by_default_on_photos_only_and_says_when_none_is_found(tmp_path, fer_main):
+    """Without --detect, OpenCV searches pictures that are not face crops; a face
+    crop is classified whole (box -), and a photo without a face is not classified
+    (alone, it is an error: tests/test_errors.py, case 11)."""
+    pytest.importorskip("cv2")
+    compose_photo(tmp_path / "photo.png", TWO_FACES[:1])
+    compose_photo(tmp_path / "empty.png", [])
+    crop = ROOT / "samples" / "happy_1.png"
+    code, out, err = fer_main("predict", tmp_path / "photo.png", crop, tmp_path / "empty.png", *THREADS)
+    assert code == 0, err
+    rows = [row.split() for row in out.splitlines()[1:]]
+    assert [row[0] for row in rows] == [str(tmp_path / "photo.png"), str(crop)]
+    assert rows[0][1] != "-" and rows[1][1] == "-"
+    assert err.splitlines() == [f"note: no face found in {tmp_path / 'empty.png'}, so it is not classified; "
+                                "give photos of frontal faces, or pass --no-detect to classify whole pictures"]
+
+
+@pytest.fixture
+def no_opencv(monkeypatch):
+    """As if OpenCV were not installed, whether or not it is: `import cv2` fails."""
+    monkeypatch.setitem(sys.modules, "cv2", None)
+
+
+def test_without_opencv_a_photo_is_classified_whole_with_a_note(no_opencv, checkpoint, images, tmp_path, fer_main):
+    compose_photo(tmp_path / "photo.png", TWO_FACES)
+    crop = images[0][0]  # 48x48: a face crop, classified whole without a note
+    code, out, err = fer_main("predict", tmp_path / "photo.png", crop, "--checkpoint", checkpoint,
+                              "--json", tmp_path / "p.json", *THREADS)
+    assert code == 0
+    assert err.splitlines() == [f"note: {tmp_path / 'photo.png'} is 640x360, not a face crop: the network "
+                                "expects a cropped face, as in FER2013; pip install \"opencv-python-headless<5\" "
+                                "to find the faces first"]
+    assert out.splitlines()[0].split()[:2] == ["file", "predicted"]  # no box column
+    preds = json.loads((tmp_path / "p.json").read_text())["predictions"]
+    assert [(p["file"], p["box"]) for p in preds] == [(str(tmp_path / "photo.png"), None), (str(crop), None)]
+    code, _, err = fer_main("predict", tmp_path / "photo.png", "--checkpoint", checkpoint, "--no-detect", *THREADS)
+    assert code == 0 and err == ""  # asked for: no note
+
+
+def test_crop_face_is_a_grayscale_square_padded_at_the_edge(monkeypatch):
+    monkeypatch.setattr(fer, "FACE_MARGIN", 2)  # a wide margin, so that the padding shows
+    photo = Image.new("RGB", (100, 80), (200, 40, 40))
+    face = fer.crop_face(photo, (0, 0, 40, 40), 32, 3)  # the square (-20, -20)-(60, 60): black beyond the edge
+    assert face.shape == (3, 32, 32) and face.dtype == torch.uint8
+    assert torch.equal(face[0], face[1]) and torch.equal(face[1], face[2])  # grayscale, as FER2013
+    assert face[0, 0, 0] == 0 and face[0, 24, 24] == round(0.299 * 200 + 0.587 * 40 + 0.114 * 40)
+    assert fer.crop_face(photo, (10, 10, 40, 40), 48, 1).shape == (1, 48, 48)
