@@ -114,7 +114,9 @@ def test_labels_ferplus_scores_the_faces_with_a_clear_majority(tiny_run, tiny_da
     assert result["accuracy"] == 1.0 and sum(map(sum, result["confusion_matrix"])) == n - 4
     assert result["fer2013_label_mistakes"] == mistakes
     assert result["mistakes_where_ferplus_agrees_with_model"] == sided
-    assert f"for {n - 4} of {n} faces" in text and f"makes {mistakes} mistakes" in text
+    kept = [p == t for p, t in list(zip(pred, truth))[4:]]
+    assert result["fer2013_accuracy_on_scored"] == pytest.approx(sum(kept) / len(kept))
+    assert f"for {n - 4} of {n} faces" in text and f"{mistakes} mistakes on all {n}" in text
 
 
 def test_labels_ferplus_refuses_a_manifest_without_votes_or_matches(tiny_run, tiny_data, tmp_path, fer_main):
