@@ -1145,6 +1145,19 @@ def validate_epoch(raw_model, ema, faces, val_idx, rt, batch_size):
     return m, metrics.classification_metrics(evaluate(ema.module, faces, val_idx, rt, batch_size)[0])
 
 
+def epoch_summary(epoch, epochs, loss, m, ema_m, seconds, lr, images, improved):
+    """An epoch's row of the history, logged as one line."""
+    row = dict(epoch=epoch, loss=loss, val_accuracy=m["accuracy"],
+               val_macro_f1=m["macro_f1"], seconds=seconds, lr=lr)
+    ema_text = ""
+    if ema_m is not None:
+        row.update(ema_val_accuracy=ema_m["accuracy"], ema_val_macro_f1=ema_m["macro_f1"])
+        ema_text = f"ema acc {ema_m['accuracy']:.4f}  ema macro-F1 {ema_m['macro_f1']:.4f}  "
+    log(f"epoch {epoch:3d}/{epochs}  loss {loss:.4f}  val acc {m['accuracy']:.4f}  val macro-F1 {m['macro_f1']:.4f}  "
+        f"{ema_text}{images / seconds:6.0f} img/s  {seconds:5.1f} s  lr {lr:.2e}{'  *' if improved else ''}")
+    return row
+
+
 def best_checkpoint(state, ema, ema_m):
     """What best.pt keeps: the weights only, the averaged ones (`weights: "ema"`) when
     they validated better than the raw ones; a plain checkpoint either way."""
@@ -1184,14 +1197,8 @@ def cmd_train(args):
         improved = kept > best
         if improved:
             best, best_epoch = kept, epoch
-        history.append(dict(epoch=epoch, loss=loss, val_accuracy=m["accuracy"], val_macro_f1=m["macro_f1"],
-                            seconds=seconds, lr=lr))
-        if ema is not None:
-            history[-1].update(ema_val_accuracy=ema_m["accuracy"], ema_val_macro_f1=ema_m["macro_f1"])
-        ema_text = f"ema acc {ema_m['accuracy']:.4f}  ema macro-F1 {ema_m['macro_f1']:.4f}  " if ema is not None else ""
-        log(f"epoch {epoch:3d}/{args.epochs}  loss {loss:.4f}  val acc {m['accuracy']:.4f}  "
-            f"val macro-F1 {m['macro_f1']:.4f}  {ema_text}{steps * args.batch_size / seconds:6.0f} img/s  "
-            f"{seconds:5.1f} s  lr {lr:.2e}{'  *' if improved else ''}")
+        history.append(epoch_summary(epoch, args.epochs, loss, m, ema_m, seconds, lr,
+                                     steps * args.batch_size, improved))
         if rt.rank == 0:
             state = dict(arch=args.model, classes=faces.classes, image_size=args.image_size,
                          in_channels=args.in_channels, mean=MEAN, std=STD, epoch=epoch,
@@ -2015,6 +2022,19 @@ def add_prepare(sub):
     q.set_defaults(func=cmd_prepare)
 
 
+def augmentation_options(t):
+    """train's augmentation options: what each training batch goes through."""
+    D = TRAIN_DEFAULTS
+    t.add_argument("--crop-scale", type=number(float, 0, 1, low_open=True),
+                   help=f"smallest area fraction of the random resized crop (default: {D['crop_scale']}, or the recipe's)")
+    t.add_argument("--rotation", type=number(float, 0, 180), help=f"largest random rotation in degrees (default: {D['rotation']}, or the recipe's)")
+    t.add_argument("--erasing", type=number(float, 0, 1), help=f"probability of random erasing (default: {D['erasing']}, or the recipe's)")
+    t.add_argument("--mixup", type=mixup_alpha, metavar="ALPHA",
+                   help="blend pairs of training images and their labels by a weight drawn from "
+                        f"Beta(ALPHA, ALPHA), {MIXUP_MIN_ALPHA:g} to 100; the paper used 0.1-0.4 on ImageNet; "
+                        f"0 turns it off (default: {D['mixup']})")
+
+
 def add_train(sub):
     """`train` and its options, with the recipes' table as its epilog."""
     D = TRAIN_DEFAULTS
@@ -2046,14 +2066,7 @@ def add_train(sub):
     t.add_argument("--image-size", type=number(int, 1), help="side of the square network input; "
                    "images are resized to it once, when decoded (default: per network and recipe)")
     t.add_argument("--in-channels", type=int, choices=[1, 3], help=f"1 for grayscale, 3 for RGB (default: {D['in_channels']})")
-    t.add_argument("--crop-scale", type=number(float, 0, 1, low_open=True),
-                   help=f"smallest area fraction of the random resized crop (default: {D['crop_scale']}, or the recipe's)")
-    t.add_argument("--rotation", type=number(float, 0, 180), help=f"largest random rotation in degrees (default: {D['rotation']}, or the recipe's)")
-    t.add_argument("--erasing", type=number(float, 0, 1), help=f"probability of random erasing (default: {D['erasing']}, or the recipe's)")
-    t.add_argument("--mixup", type=mixup_alpha, metavar="ALPHA",
-                   help="blend pairs of training images and their labels by a weight drawn from "
-                        f"Beta(ALPHA, ALPHA), {MIXUP_MIN_ALPHA:g} to 100; the paper used 0.1-0.4 on ImageNet; "
-                        f"0 turns it off (default: {D['mixup']})")
+    augmentation_options(t)
     t.add_argument("--classes", type=class_list, metavar="A,B,...",
                    help="train on these class folders of DATA/train only, e.g. --data data/fer2013 --classes "
                         "angry,happy,neutral,sad,surprise (default: every class folder)")
