@@ -327,7 +327,11 @@ def ferplus_majority(row):
     """(class, None) when more than half of a manifest row's FER+ votes chose one
     expression, else (None, why). A plurality is not enough: FER+'s own "majority"
     scheme keeps a label only when most of the ten annotators agree on it."""
-    votes = {k: int(row.get(f"ferplus_{k}") or 0) for k in FERPLUS_CLASSES}
+    try:
+        votes = {k: int(row.get(f"ferplus_{k}") or 0) for k in FERPLUS_CLASSES}
+    except ValueError:
+        raise FerError(f"the manifest's FER+ votes of {row.get('file')} are not whole numbers; "
+                       "use the shipped data/fer5_manifest.csv") from None
     top = max(votes, key=votes.get)
     if not any(votes.values()):
         return None, "FER+ has no votes for it"
@@ -742,6 +746,10 @@ class Member:
 def load_members(paths, rt):
     """The checkpoints of an ensemble and their networks; refused unless all have the
     same classes in the same order, as averaging their probabilities needs."""
+    pictures = [p for p in paths if Path(p).suffix.lower() in IMG_EXTENSIONS]
+    if pictures:  # `predict a.jpg --checkpoint m.pt b.jpg`: --checkpoint took b.jpg
+        raise FerError(f"--checkpoint got the image {pictures[0]}; it takes every path after it, so give "
+                       "the images first: fer.py predict faces/ --checkpoint a.pt b.pt")
     ckpts = [load_checkpoint(p) for p in paths]
     for path, ckpt in zip(paths[1:], ckpts[1:]):
         if list(ckpt["classes"]) != list(ckpts[0]["classes"]):
@@ -1394,7 +1402,7 @@ def cmd_test(args):
     """The full metrics report on DIR/test: the only command that reads it."""
     rt, members = evaluation_setup(args)
     test_dir = split_folder(args.data, "test")
-    faces_by_input = decode_for(members, test_dir, args.skip_bad_images)
+    faces_by_input = decode_for(members, test_dir, args.skip_bad_images, members[0].ckpt["args"].get("classes"))
     faces = faces_by_input[members[0].input]
     probs, each = evaluate_members(members, faces_by_input, torch.arange(len(faces.labels)), rt,
                                    args.batch_size, args.tta)
@@ -1476,12 +1484,13 @@ def face_detector(detect):
         path = os.path.join(cv2.data.haarcascades, CASCADE)
     except (ImportError, AttributeError):  # AttributeError: an OpenCV without its cascades
         path = None
-    if path is None or not os.path.isfile(path):
+    cascade = cv2.CascadeClassifier(path) if path and os.path.isfile(path) else None
+    if cascade is None or cascade.empty():  # no OpenCV, or 5.x, which dropped the cascades
         if detect:
-            raise FerError(f"--detect needs OpenCV 4's face detector, which is not installed; "
+            raise FerError(f"--detect needs the face cascades of OpenCV 4, which are not installed; "
                            f"{DETECTOR_INSTALL}, or leave out --detect to classify whole pictures")
         return None
-    return cv2.CascadeClassifier(path)
+    return cascade
 
 
 def find_faces(cascade, photo):
@@ -2114,7 +2123,9 @@ def add_evaluation(sub):
 
 def add_predict(sub):
     """`predict` on image files and folders."""
-    r = sub.add_parser("predict", help="class probabilities of image files or folders", **FMT)
+    # The paths first: --checkpoint takes every path after it (several make an ensemble).
+    r = sub.add_parser("predict", help="class probabilities of image files or folders", **FMT,
+                       usage="%(prog)s PATH [PATH ...] [--checkpoint CKPT [CKPT ...]] [options]")
     r.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders of images")
     r.add_argument("--checkpoint", nargs="+", default=[DEFAULT_CHECKPOINT], metavar="CKPT",
                    help="a .pt file written by train or export; several are an ensemble, which averages their "

@@ -101,3 +101,7 @@ def test_predict_says_where_the_paths_go(members, tiny_data, fer_main):
     """--checkpoint takes every path after it, so the images go first."""
     code, _, err = fer_main("predict", "--checkpoint", members[0], tiny_data / "test", *THREADS)
     assert code == 2 and "no image files or folders given; give them before --checkpoint" in err, err
+    # an image after --checkpoint is named, before any checkpoint is read
+    face = next((tiny_data / "test" / "sad").iterdir())
+    code, _, err = fer_main("predict", face, "--checkpoint", members[0], face, *THREADS)
+    assert code == 2 and f"--checkpoint got the image {face}; it takes every path after it" in err, err

@@ -515,7 +515,7 @@ def test_9_read_only_out_folder(tiny_data, tmp_path, fer_main):
 # ----------------------------------------------------------------------------
 # 11. predict: --detect without OpenCV, a photo without a face
 
-DETECT_NEEDLES = ("--detect needs OpenCV 4's face detector, which is not installed",
+DETECT_NEEDLES = ("--detect needs the face cascades of OpenCV 4, which are not installed",
                   'pip install "opencv-python-headless<5"', "leave out --detect")
 
 

@@ -47,13 +47,15 @@ def test_train_on_some_class_folders(tiny_data, tmp_path, fer_main):
     # validate rebuilds the same two-class split from what the checkpoint stores
     code, out_text, err = fer_main("validate", "--checkpoint", out / "best.pt", "--threads", "1")
     assert code == 0 and "2 images" in out_text, err  # 8 a class, 10% each (at least one)
-    # the three-class test folder is refused in one line; a folder of the two classes is scored
-    code, _, err = fer_main("test", "--checkpoint", out / "best.pt", "--data", tiny_data, "--threads", "1")
-    assert code == 2 and "['angry', 'sad']" in err and len(err.strip().splitlines()) == 1, err
-    two = tmp_path / "two"
-    for c in ("angry", "sad"):
-        shutil.copytree(tiny_data / "test" / c, two / "test" / c)
-    assert fer_main("test", "--checkpoint", out / "best.pt", "--data", two, "--threads", "1")[0] == 0
+    # test scores the same classes of the three-class test folder; one without sad/ is refused
+    code, _, err = fer_main("test", "--checkpoint", out / "best.pt", "--data", tiny_data, "--threads", "1",
+                            "--json", tmp_path / "t.json")
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert code == 0 and result["classes"] == ["angry", "sad"] and sum(map(sum, result["confusion_matrix"])) == 8
+    for c in ("angry", "happy"):
+        shutil.copytree(tiny_data / "test" / c, tmp_path / "no_sad" / "test" / c)
+    code, _, err = fer_main("test", "--checkpoint", out / "best.pt", "--data", tmp_path / "no_sad", "--threads", "1")
+    assert code == 2 and "has no class folder sad" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_classes_resume_with_the_run(tiny_data, tmp_path, fer_main):
@@ -127,6 +129,11 @@ def test_labels_ferplus_refuses_a_manifest_without_votes_or_matches(tiny_run, ti
         code, _, err = fer_main("test", "--checkpoint", ckpt, "--data", tiny_data, "--labels", "ferplus",
                                 "--manifest", tmp_path / manifest, "--threads", "1")
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_ferplus_votes_that_are_not_numbers_are_refused_in_one_line():
+    with pytest.raises(fer.FerError, match="not whole numbers"):
+        fer.ferplus_majority({**votes(anger=6), "ferplus_anger": "six", "file": "x.jpg"})
 
 
 def test_labels_fer2013_is_the_default_and_recorded(tiny_run, tiny_data, tmp_path, fer_main):
