@@ -219,7 +219,7 @@ def test_predict_samples_with_the_shipped_checkpoint_and_its_picture(tmp_path, f
                               "--threads", "1")
     assert code == 0, err
     res = json.loads((tmp_path / "p.json").read_text())
-    assert res["arch"] == "resnet34" and res["classes"] == ["angry", "happy", "neutral", "sad", "surprise"]
+    assert res["arch"] == "googlenet" and res["classes"] == ["angry", "happy", "neutral", "sad", "surprise"]
     names = sorted(Path(r["file"]).name for r in res["predictions"])
     assert len(names) == 15 and names[0] == "angry_1.png" and "README.md" not in names
     assert sum(Path(r["file"]).name.split("_")[0] == r["prediction"] for r in res["predictions"]) >= 8
