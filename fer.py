@@ -1230,9 +1230,11 @@ def evaluation_setup(args):
     return rt, load_members(args.checkpoint, rt)
 
 
-def decode_for(members, folder, skip_bad, classes=None):
-    """FOLDER's images (of `classes`, default all) decoded once for each distinct input
-    of the members, checked against their classes: {(size, channels): Faces}."""
+def decode_for(members, folder, skip_bad):
+    """FOLDER's images decoded once for each distinct input of the members, checked
+    against their classes: {(size, channels): Faces}. Only the class folders the
+    members trained on are read (train --classes), so a larger folder serves too."""
+    classes = members[0].ckpt["args"].get("classes")  # None (all) before --classes existed
     faces = {key: load_faces(folder, *key, skip_bad, classes=classes) for key in member_inputs(members)}
     check_classes(members[0].ckpt, next(iter(faces.values())).classes, folder)
     return faces
@@ -1301,7 +1303,7 @@ def cmd_validate(args):
     rt, members = evaluation_setup(args)
     data, val_fraction, seed, skip_bad = validation_split(members, args.data)
     train_dir = split_folder(data, "train")
-    faces_by_input = decode_for(members, train_dir, skip_bad, members[0].ckpt["args"].get("classes"))
+    faces_by_input = decode_for(members, train_dir, skip_bad)
     faces = faces_by_input[members[0].input]
     _, val_idx = split_train_val(faces.labels, val_fraction, seed)
     probs, each = evaluate_members(members, faces_by_input, val_idx, rt, args.batch_size, args.tta)
@@ -1409,7 +1411,7 @@ def cmd_test(args):
     """The full metrics report on DIR/test: the only command that reads it."""
     rt, members = evaluation_setup(args)
     test_dir = split_folder(args.data, "test")
-    faces_by_input = decode_for(members, test_dir, args.skip_bad_images, members[0].ckpt["args"].get("classes"))
+    faces_by_input = decode_for(members, test_dir, args.skip_bad_images)
     faces = faces_by_input[members[0].input]
     probs, each = evaluate_members(members, faces_by_input, torch.arange(len(faces.labels)), rt,
                                    args.batch_size, args.tta)
