@@ -332,11 +332,15 @@ FER5 = ROOT.parent / "shared" / "data" / "fer5"
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (FER5 / "test").is_dir(), reason="needs ../shared/data/fer5")
-@pytest.mark.parametrize("net, tta", [("resnet34", "none"), ("googlenet", "none"), ("googlenet", "flip")])
+@pytest.mark.parametrize("net, tta", [("resnet34", "none"), ("googlenet", "none"), ("googlenet", "flip"),
+                                      ("googlenet_fer2013_5class_e30", "none")])
 def test_shipped_checkpoint_reproduces_its_metrics(net, tta, tmp_path):
     # resnet34_tencrop.json is left out: ten views at 224 px take minutes on 2 cores
     code, _, err = main_in_process("test", "--checkpoint", ROOT / "checkpoints" / f"{net}.pt", "--data", FER5,
                                    "--tta", tta, "--json", tmp_path / "m.json")
     assert code == 0, err
-    shipped = ROOT / "checkpoints" / (f"{net}.json" if tta == "none" else f"{net}_{tta}.json")
-    assert (tmp_path / "m.json").read_text() == shipped.read_text()
+    shipped = json.loads((ROOT / "checkpoints" / (f"{net}.json" if tta == "none" else f"{net}_{tta}.json")).read_text())
+    result = json.loads((tmp_path / "m.json").read_text())
+    # Every figure the shipped JSON holds, exactly; `members` names the file by the path given, and
+    # JSONs written before ensembles and --labels lack the keys those added.
+    assert {k: result[k] for k in shipped if k != "members"} == {k: v for k, v in shipped.items() if k != "members"}
