@@ -81,7 +81,7 @@ REPORT["resnet50"] = REPORT["resnet101"] = REPORT["resnet34"]  # the report trai
 RECIPES = {"ours": OURS, "report": REPORT}
 # Defaults of the `train` options that a recipe does not set.
 TRAIN_DEFAULTS = dict(schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, balanced=False, in_channels=3,
-                      crop_scale=0.5, rotation=10.0, erasing=0.25, mixup=0.0, ema=None, val_fraction=0.1, seed=0,
+                      crop_scale=0.5, rotation=10.0, erasing=0.25, mixup=0.0, ema=None, val_fraction=0.1, split_seed=0, seed=0,
                       pipeline="tensor", skip_bad_images=False, classes=None)
 # Beta(alpha, alpha)'s float32 sampler underflows below an alpha of about 0.005 and then
 # draws 0.5, the strongest blend, when a tiny alpha means "almost none": refuse those.
@@ -656,13 +656,15 @@ HISTORY_COLUMNS = ("epoch", "loss", "val_accuracy", "val_macro_f1", "lr", "secon
 EMA_COLUMNS = ("ema_val_accuracy", "ema_val_macro_f1")  # history.csv's two more with --ema
 
 
-def save_run(out, state, best):
+def save_run(out, state, best, best_raw=None):
     """After an epoch: last.pt (all that --resume needs), best.pt when validation
-    improved (`best`, weights only; else None), history.csv and curves.png of the
-    epochs so far."""
+    improved (`best`, weights only; else None), best_raw.pt under --ema when the raw
+    weights improved (`best_raw`), history.csv and curves.png of the epochs so far."""
     save_checkpoint(state, out / "last.pt")
     if best is not None:
         save_checkpoint(best, out / "best.pt")
+    if best_raw is not None:
+        save_checkpoint(best_raw, out / "best_raw.pt")
     columns = HISTORY_COLUMNS + tuple(k for k in EMA_COLUMNS if k in state["history"][0])
     rows = [",".join(columns)] + [",".join(f"{h[k]:.6g}" if isinstance(h[k], float) else str(h[k])
                                            for k in columns) for h in state["history"]]
@@ -1035,7 +1037,8 @@ def cmd_prepare(args):
 
 TRAIN_OPTIONS = ("model", "recipe", "epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay",
                  "label_smoothing", "balanced", "image_size", "in_channels", "crop_scale", "rotation",
-                 "erasing", "mixup", "ema", "val_fraction", "seed", "pipeline", "skip_bad_images", "classes")
+                 "erasing", "mixup", "ema", "val_fraction", "split_seed", "seed", "pipeline", "skip_bad_images",
+                 "classes")
 # What a checkpoint's `args` records: the training options and where the run read and wrote.
 RUN_OPTIONS = TRAIN_OPTIONS + ("data", "out", "amp", "channels_last")
 # What `--resume` needs beyond CHECKPOINT_KEYS (best.pt and exports drop the first three).
@@ -1056,6 +1059,7 @@ def resolve_train_args(args):
         ckpt["args"].setdefault("recipe", "ours")  # nor a recipe other than ours
         ckpt["args"].setdefault("ema", None)  # nor --ema
         ckpt["args"].setdefault("classes", None)  # nor a subset of the class folders
+        ckpt["args"].setdefault("split_seed", ckpt["args"]["seed"])  # --seed moved the split before --split-seed
         missing = [k for k in RESUME_KEYS if k not in ckpt] + [k for k in TRAIN_OPTIONS if k not in ckpt["args"]]
         missing += ["ema"] if ckpt["args"]["ema"] and "ema" not in ckpt else []
         if missing:
@@ -1094,7 +1098,7 @@ def training_data(args, ckpt, rt):
     faces = load_faces(train_dir, args.image_size, args.in_channels, args.skip_bad_images, classes=args.classes)
     if ckpt is not None:
         check_classes(ckpt, faces.classes, train_dir)
-    train_idx, val_idx = split_train_val(faces.labels, args.val_fraction, args.seed)
+    train_idx, val_idx = split_train_val(faces.labels, args.val_fraction, args.split_seed)
     log(f"{args.model}: {len(train_idx)} training and {len(val_idx)} validation images of "
         f"{len(faces.classes)} classes ({', '.join(faces.classes)}), decoded in {time.time() - t0:.1f} s "
         f"on {rt.device} ({describe_device(rt.device)})"
@@ -1204,6 +1208,9 @@ def cmd_train(args):
             scheduler.step(m["macro_f1"])  # every process sees the same figure, so the rates stay equal
         kept = max(m["macro_f1"], ema_m["macro_f1"] if ema is not None else -1.0)  # best.pt keeps the better
         improved = kept > best
+        # The average never feeds back into training, so the raw weights follow the run
+        # without --ema step for step: best_raw.pt is what that run's best.pt would be.
+        raw_improved = ema is not None and m["macro_f1"] > max((h["val_macro_f1"] for h in history), default=-1.0)
         if improved:
             best, best_epoch = kept, epoch
         history.append(epoch_summary(epoch, args.epochs, loss, m, ema_m, seconds, lr,
@@ -1217,7 +1224,8 @@ def cmd_train(args):
                          args={k: getattr(args, k) for k in RUN_OPTIONS})
             if ema is not None:
                 state["ema"] = ema.state_dict()
-            save_run(Path(args.out), state, best_checkpoint(state, ema, ema_m) if improved else None)
+            save_run(Path(args.out), state, best_checkpoint(state, ema, ema_m) if improved else None,
+                     weights_only(state) if raw_improved else None)
         if args.dry_run:
             break
     log(f"best validation macro-F1 {best:.4f} at epoch {best_epoch}; checkpoints in {args.out}/ "
@@ -1281,21 +1289,27 @@ def split_folder(data, split):
     return folder
 
 
+def split_seed(args):
+    """The seed of a run's validation split: --split-seed, or --seed for runs saved
+    before --split-seed existed (--seed moved the split then)."""
+    return args.get("split_seed", args["seed"])
+
+
 def validation_split(members, data):
     """The folder, fraction and seed of the validation split the members were trained
     with, and whether to skip bad images: one split for all, or the ensemble would be
     scored on faces some member trained on. --data DATA replaces the folder."""
     def split(m):
         a = m.ckpt["args"]
-        return str(Path(data or a["data"]).resolve()), a["val_fraction"], a["seed"]
+        return str(Path(data or a["data"]).resolve()), a["val_fraction"], split_seed(a)
     for m in members[1:]:
         if split(m) != split(members[0]):
             (d0, f0, s0), (d, f, s) = split(members[0]), split(m)
-            raise FerError(f"{members[0].path} holds out {f0} of {d0} with seed {s0} for validation but {m.path} "
-                           f"{f} of {d} with seed {s}; an ensemble is validated on one split none of its members "
-                           "trained on: give checkpoints trained with the same --data, --val-fraction and --seed")
+            raise FerError(f"{members[0].path} holds out {f0} of {d0} with split seed {s0} for validation but "
+                           f"{m.path} {f} of {d} with split seed {s}; an ensemble is validated on one split none of its members "
+                           "trained on: give checkpoints trained with the same --data, --val-fraction and --split-seed")
     a = members[0].ckpt["args"]
-    return data or a["data"], a["val_fraction"], a["seed"], any(m.ckpt["args"]["skip_bad_images"] for m in members)
+    return data or a["data"], a["val_fraction"], split_seed(a), any(m.ckpt["args"]["skip_bad_images"] for m in members)
 
 
 def cmd_validate(args):
@@ -2090,7 +2104,9 @@ def add_train(sub):
                         "the raw weights, and best.pt keeps whichever is better (default: off)")
     t.add_argument("--val-fraction", type=number(float, 0, 1, True, True),
                    help=f"share of each class of train/ held out for validation (default: {D['val_fraction']})")
-    t.add_argument("--seed", type=int, help=f"seed of the split, the initialisation and the batches (default: {D['seed']})")
+    t.add_argument("--split-seed", type=int, help="seed of the train / validation split; runs that differ only in "
+                   f"--seed hold out the same faces, so their means and ensembles compare (default: {D['split_seed']})")
+    t.add_argument("--seed", type=int, help=f"seed of the initialisation and the batch order (default: {D['seed']})")
     t.add_argument("--pipeline", choices=["tensor", "pil"],
                    help="tensor: decoded once, augmented per batch; pil: the report's per-image "
                         "PIL transforms, for comparison (default: tensor)")

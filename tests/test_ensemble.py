@@ -90,11 +90,24 @@ def test_members_of_other_classes_are_refused(command, how, members, tiny_data, 
 
 def test_validate_refuses_members_of_other_splits_and_test_takes_them(members, tiny_data, tmp_path, fer_main):
     a, _ = members
-    other = changed(a, tmp_path / "seed1.pt", lambda c: c["args"].update(seed=1))
+    other = changed(a, tmp_path / "split1.pt", lambda c: c["args"].update(split_seed=1))
     code, _, err = fer_main("validate", "--checkpoint", a, other, *THREADS)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "with seed 0" in err and "with seed 1" in err and "same --data, --val-fraction and --seed" in err
+    assert "with split seed 0" in err and "with split seed 1" in err, err
+    assert "same --data, --val-fraction and --split-seed" in err
     assert fer_main("test", "--checkpoint", a, other, "--data", tiny_data, *THREADS)[0] == 0
+
+
+def test_seeds_share_the_split_and_old_runs_split_by_their_seed(members, tmp_path, fer_main):
+    """--seed moves the initialisation and the batches, not the validation faces: runs
+    of other seeds validate as one ensemble. Runs saved before --split-seed existed
+    split by --seed, and are read so."""
+    a, _ = members
+    seed1 = changed(a, tmp_path / "seed1.pt", lambda c: c["args"].update(seed=1))
+    assert fer_main("validate", "--checkpoint", a, seed1, *THREADS)[0] == 0
+    old = changed(a, tmp_path / "old.pt", lambda c: (c["args"].pop("split_seed"), c["args"].update(seed=1)))
+    code, _, err = fer_main("validate", "--checkpoint", a, old, *THREADS)
+    assert code == 2 and "with split seed 1" in err, err
 
 
 def test_predict_says_where_the_paths_go(members, tiny_data, fer_main):

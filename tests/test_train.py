@@ -183,6 +183,8 @@ def test_ema_best_pt_keeps_the_weights_that_validated_better(winner, tiny_data, 
     assert last["weights"] == "raw" and best["weights"] == winner and "ema" not in best
     assert state_dicts_equal(best["state_dict"], average if winner == "ema" else last["state_dict"])
     assert best["best_metric"] == best["val_metrics"]["macro_f1"] == 1.0
+    raw = fer.load_checkpoint(tmp_path / "best_raw.pt")  # the raw weights' best, whichever won
+    assert raw["weights"] == "raw" and state_dicts_equal(raw["state_dict"], last["state_dict"])
     with open(tmp_path / "history.csv", newline="") as f:
         assert next(csv.reader(f))[-2:] == ["ema_val_accuracy", "ema_val_macro_f1"]
     code, _, err = fer_main("validate", "--checkpoint", tmp_path / "best.pt", "--threads", "1",
@@ -190,3 +192,18 @@ def test_ema_best_pt_keeps_the_weights_that_validated_better(winner, tiny_data, 
     assert code == 0, err
     scored = seen[1] if winner == "ema" else seen[0]  # what training's (unrigged) evaluation found
     assert json.loads((tmp_path / "val.json").read_text())["confusion_matrix"] == scored.tolist()
+
+
+def test_ema_leaves_the_raw_run_as_it_was(tiny_data, tmp_path, fer_main):
+    """The average only reads the weights: a run with --ema trains the raw network step
+    for step as the run without it, and its best_raw.pt is that run's best.pt. So one
+    run measures the recipe with and without the average."""
+    args = ("--data", tiny_data, *FAST, "--epochs", "2", "--no-amp")
+    assert fer_main("train", *args, "--out", tmp_path / "plain")[0] == 0
+    assert fer_main("train", *args, "--ema", "0.5", "--out", tmp_path / "ema")[0] == 0
+    plain, ema = (fer.load_checkpoint(tmp_path / d / "last.pt") for d in ("plain", "ema"))
+    assert state_dicts_equal(plain["state_dict"], ema["state_dict"])
+    assert [h["val_macro_f1"] for h in plain["history"]] == [h["val_macro_f1"] for h in ema["history"]]
+    best, best_raw = (fer.load_checkpoint(tmp_path / p) for p in ("plain/best.pt", "ema/best_raw.pt"))
+    assert best["epoch"] == best_raw["epoch"] and state_dicts_equal(best["state_dict"], best_raw["state_dict"])
+    assert not (tmp_path / "plain" / "best_raw.pt").exists()
