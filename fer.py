@@ -593,14 +593,39 @@ def setup_runtime(args, distributed=False):
     return Runtime(device, amp_dtype, channels_last, rank, world)
 
 
-def cpu_has_bf16():
-    """bfloat16 is only faster than float32 on CPUs with native bf16 instructions."""
+# The CPU features that decide training speed, by their /proc/cpuinfo flag: float32
+# runs on AVX2 or AVX-512; bfloat16 is faster than float32 only with native bf16
+# instructions (AVX512-BF16, or AMX's tiles on recent Xeons), and far slower without.
+CPU_FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16"}
+
+
+def cpu_flags():
+    """The CPU's feature flags, from Linux's /proc/cpuinfo; None where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
-        return False
+        return None
+
+
+def cpu_has_bf16():
+    return bool({"avx512_bf16", "amx_bf16"} & (cpu_flags() or set()))
+
+
+def describe_precision(rt, args):
+    """The training precision and why it was chosen, and on a CPU the features that
+    decide it, for `bench`'s header."""
+    chosen = f"{str(rt.amp_dtype).replace('torch.', '')} autocast" if rt.amp_dtype else "float32"
+    if args.amp is not None:
+        why = f"--{'' if args.amp else 'no-'}amp"
+    else:
+        why = "native bfloat16 instructions" if rt.amp_dtype else "no native bfloat16 instructions: it would be slower"
+    if rt.device.type != "cpu":
+        return chosen
+    flags = cpu_flags()
+    features = ", ".join(f"{name} {'yes' if f in flags else 'no'}" for f, name in CPU_FEATURES.items()) \
+        if flags is not None else "CPU flags unknown (no /proc/cpuinfo)"
+    return f"{chosen} ({why}); {features}; PyTorch's CPU kernels: {torch.backends.cpu.get_cpu_capability()}"
 
 
 def describe_device(device):
@@ -1901,7 +1926,7 @@ def cmd_bench(args):
         plain = Runtime(ours.device)  # float32, default memory layout
         log(f"bench {args.model}, batch {batch}, {args.steps} timed steps after one warm-up "
             f"(precision and layout are training's; inference on a CPU runs in float32), on "
-            f"{describe_device(ours.device)}")
+            f"{describe_device(ours.device)}\ntraining precision: {describe_precision(ours, args)}")
         # At the training size, every precision x layout pair, so each speed-up shows on its own;
         # the last row is ours as `train` runs it (optionally compiled).
         pairs = dict.fromkeys((amp, cl) for amp in (None, ours.amp_dtype) for cl in (False, ours.channels_last))
@@ -1931,11 +1956,27 @@ def cmd_bench(args):
                 f"train {train_ips:7.1f} img/s  infer {infer_ips:7.1f} img/s  peak {memory} {mib:5.0f} MiB")
             del model, faces
         default = rows[len(pairs) + 1]
+        alone = bench_network_alone(args, ours, size, batch)
         log(f"ours / report at {args.report_size}px: {rows[1] / rows[0]:.1f}x training; "
             f"ours at {size}px / report at {args.report_size}px: {default / rows[0]:.1f}x; "
-            f"an epoch of 4,500 images at {size}px: about {4500 / default:.0f} s"
+            f"an epoch of 4,500 images at {size}px: about {4500 / default:.0f} s; "
+            f"ours / the network alone: {default / alone:.2f}"
             + (f"; torch.compile: {rows[-1] / default:.2f}x" if args.compile else ""))
-    return rows
+    return rows + [alone]
+
+
+def bench_network_alone(args, rt, size, batch):
+    """Training images/s of the network on one batch of random tensors already in
+    memory, in training's precision and layout: the most any input pipeline could feed."""
+    torch.manual_seed(0)
+    model = build_model(args.model, 2, args.in_channels, size, rt)
+    x = rt.prepare(torch.randn(batch, args.in_channels, size, size, device=rt.device))
+    y = torch.randint(0, 2, (batch,), device=rt.device)
+    ips = bench_train(model, itertools.repeat((x, y)), args.steps, rt)
+    amp = str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "float32"
+    log(f"{'the network alone':<24} {size:>4}px  {amp:>8}  channels_last={str(rt.channels_last):<5}  "
+        f"train {ips:7.1f} img/s  (random tensors in memory)")
+    return ips
 
 
 def write_fake_folder(root, classes, n):

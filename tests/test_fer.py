@@ -258,6 +258,12 @@ def test_bench_prints_figures(tiny_data):
     assert len(rows) == 2 + len(set(rows[2:])) and len(rows) in (4, 6)
     assert ("32", "float32", "False") in rows[2:] and ("32", "float32", "True") in rows[2:]
     assert "threads" in stdout and "x training" in stdout
+    assert re.search(r"^training precision: (bfloat16 autocast|float32) \(", stdout, re.M)
+    if fer.cpu_flags() is not None:
+        assert "AVX2 " in stdout and "AVX512-BF16 " in stdout and "PyTorch's CPU kernels: " in stdout
+    alone = re.search(r"the network alone +32px +(\w+) +channels_last=(\w+) +train +([\d.]+) img/s", stdout)
+    assert alone and alone.groups()[:2] == rows[-1][1:]  # in training's precision and layout
+    assert re.search(r"ours / the network alone: \d+\.\d\d", stdout)
 
 
 def test_every_option_states_its_default():
@@ -344,3 +350,17 @@ def test_shipped_checkpoint_reproduces_its_metrics(net, tta, tmp_path):
     # Every figure the shipped JSON holds, exactly; `members` names the file by the path given, and
     # JSONs written before ensembles and --labels lack the keys those added.
     assert {k: result[k] for k in shipped if k != "members"} == {k: v for k, v in shipped.items() if k != "members"}
+
+
+@pytest.mark.parametrize("flags, chosen", [({"avx2", "fma"}, "float32 (no native bfloat16 instructions"),
+                                           ({"avx2", "avx512f", "avx512_bf16"}, "bfloat16 autocast (native"),
+                                           ({"avx2", "amx_bf16"}, "bfloat16 autocast (native")])
+def test_cpu_precision_follows_its_flags(flags, chosen, monkeypatch):
+    """bfloat16 only where the CPU has native instructions for it; bench says which
+    features it found and what it chose."""
+    monkeypatch.setattr(fer, "cpu_flags", lambda: flags)
+    args = argparse.Namespace(device="cpu", threads=torch.get_num_threads(), amp=None, channels_last=None)
+    rt = fer.setup_runtime(args)
+    text = fer.describe_precision(rt, args)
+    assert text.startswith(chosen) and "AVX2 yes" in text
+    assert ("AVX512-BF16 yes" in text) == ("avx512_bf16" in flags) and ("AMX-BF16 yes" in text) == ("amx_bf16" in flags)
