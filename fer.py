@@ -1850,9 +1850,11 @@ def draw_faces(photo, results):
 def save_photos(save_dir, results):
     """DIR/<name>_faces.png: each photo in which faces were found, annotated by draw_faces."""
     written = set()
-    for k, f in enumerate(dict.fromkeys(r["file"] for r in results if r["box"])):
-        name = f"{Path(f).stem}_faces.png"
-        name = f"{Path(f).stem}_{k + 1}_faces.png" if name in written else name  # a/x.jpg and b/x.jpg
+    for f in dict.fromkeys(r["file"] for r in results if r["box"]):
+        name, n = f"{Path(f).stem}_faces.png", 1
+        while name in written:  # a/x.jpg and b/x.jpg: x_faces.png, x_2_faces.png (and x_2.jpg: x_2_2_faces.png)
+            n += 1
+            name = f"{Path(f).stem}_{n}_faces.png"
         written.add(name)
         picture = draw_faces(open_photo(f), [r for r in results if r["file"] == f])
         write_file(Path(save_dir) / name, lambda out: picture.save(out, format="PNG"))

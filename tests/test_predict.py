@@ -320,3 +320,17 @@ def test_crop_face_is_a_grayscale_square_padded_at_the_edge(monkeypatch):
     assert torch.equal(face[0], face[1]) and torch.equal(face[1], face[2])  # grayscale, as FER2013
     assert face[0, 0, 0] == 0 and face[0, 24, 24] == round(0.299 * 200 + 0.587 * 40 + 0.114 * 40)
     assert fer.crop_face(photo, (10, 10, 40, 40), 48, 1).shape == (1, 48, 48)
+
+
+def test_annotated_photos_of_the_same_name_do_not_overwrite_each_other(tmp_path):
+    """a/x.png, b/x.png and c/x_2.png each get their own annotated picture."""
+    files = []
+    for folder, stem in (("a", "x"), ("b", "x"), ("c", "x_2")):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (64, 64), (40, 80, 120)).save(tmp_path / folder / f"{stem}.png")
+        files.append(str(tmp_path / folder / f"{stem}.png"))
+    results = [dict(file=f, box=(8, 8, 32, 32), prediction="happy", probabilities={"happy": 0.9})
+               for f in files]
+    (tmp_path / "out").mkdir()
+    fer.save_photos(tmp_path / "out", results)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x_2_2_faces.png", "x_2_faces.png", "x_faces.png"]
