@@ -1254,7 +1254,7 @@ def cmd_train(args):
         if args.dry_run:
             break
     log(f"best validation macro-F1 {best:.4f} at epoch {best_epoch}; checkpoints in {args.out}/ "
-        f"(best.pt, last.pt); {(time.time() - t0) / 60:.1f} min in all")
+        f"(best.pt{', best_raw.pt' if ema is not None else ''}, last.pt); {(time.time() - t0) / 60:.1f} min in all")
 
 
 def evaluation_setup(args):
