@@ -81,8 +81,8 @@ REPORT["resnet50"] = REPORT["resnet101"] = REPORT["resnet34"]  # the report trai
 RECIPES = {"ours": OURS, "report": REPORT}
 # Defaults of the `train` options that a recipe does not set.
 TRAIN_DEFAULTS = dict(schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, balanced=False, in_channels=3,
-                      crop_scale=0.5, rotation=10.0, erasing=0.25, mixup=0.0, ema=None, val_fraction=0.1, split_seed=0, seed=0,
-                      pipeline="tensor", skip_bad_images=False, classes=None)
+                      crop_scale=0.5, rotation=10.0, erasing=0.25, mixup=0.0, ema=None, val_fraction=0.1,
+                      split_seed=0, seed=0, pipeline="tensor", skip_bad_images=False, classes=None)
 # Beta(alpha, alpha)'s float32 sampler underflows below an alpha of about 0.005 and then
 # draws 0.5, the strongest blend, when a tiny alpha means "almost none": refuse those.
 MIXUP_MIN_ALPHA = 0.01
@@ -600,10 +600,11 @@ CPU_FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF1
 
 
 def cpu_flags():
-    """The CPU's feature flags, from Linux's /proc/cpuinfo; None where it cannot be read."""
+    """The CPU's feature flags, from Linux's /proc/cpuinfo on x86; None where there are
+    none to read (other systems; ARM lists `Features` instead)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), None)
     except OSError:
         return None
 
@@ -616,12 +617,12 @@ def describe_precision(rt, args):
     """The training precision and why it was chosen, and on a CPU the features that
     decide it, for `bench`'s header."""
     chosen = f"{str(rt.amp_dtype).replace('torch.', '')} autocast" if rt.amp_dtype else "float32"
-    if args.amp is not None:
-        why = f"--{'' if args.amp else 'no-'}amp"
+    if rt.device.type != "cpu":
+        return f"{chosen} ({'--no-amp' if args.amp is False else rt.device.type})"
+    if args.amp is False:
+        why = "--no-amp"
     else:
         why = "native bfloat16 instructions" if rt.amp_dtype else "no native bfloat16 instructions: it would be slower"
-    if rt.device.type != "cpu":
-        return chosen
     flags = cpu_flags()
     features = ", ".join(f"{name} {'yes' if f in flags else 'no'}" for f, name in CPU_FEATURES.items()) \
         if flags is not None else "CPU flags unknown (no /proc/cpuinfo)"
@@ -1084,7 +1085,7 @@ def resolve_train_args(args):
         ckpt["args"].setdefault("recipe", "ours")  # nor a recipe other than ours
         ckpt["args"].setdefault("ema", None)  # nor --ema
         ckpt["args"].setdefault("classes", None)  # nor a subset of the class folders
-        ckpt["args"].setdefault("split_seed", ckpt["args"]["seed"])  # --seed moved the split before --split-seed
+        ckpt["args"]["split_seed"] = run_split_seed(ckpt["args"])
         missing = [k for k in RESUME_KEYS if k not in ckpt] + [k for k in TRAIN_OPTIONS if k not in ckpt["args"]]
         missing += ["ema"] if ckpt["args"]["ema"] and "ema" not in ckpt else []
         if missing:
@@ -1204,6 +1205,15 @@ def best_checkpoint(state, ema, ema_m):
     return dict(weights_only(state), state_dict=ema.module.state_dict(), weights="ema", val_metrics=ema_m)
 
 
+def best_raw_checkpoint(state):
+    """--ema's best_raw.pt: the raw weights of an epoch that beat every raw one before,
+    with their own figure and epoch. The average never feeds back into training, so
+    the raw weights follow the run without --ema step for step (on a CPU; a GPU's
+    kernels are not bit-exact run to run): this is what that run's best.pt would be."""
+    m = state["val_metrics"]
+    return dict(weights_only(state), best_metric=m["macro_f1"], best_epoch=state["epoch"])
+
+
 def cmd_train(args):
     ckpt = resolve_train_args(args)
     check_image_size(args.model, args.image_size)
@@ -1233,8 +1243,6 @@ def cmd_train(args):
             scheduler.step(m["macro_f1"])  # every process sees the same figure, so the rates stay equal
         kept = max(m["macro_f1"], ema_m["macro_f1"] if ema is not None else -1.0)  # best.pt keeps the better
         improved = kept > best
-        # The average never feeds back into training, so the raw weights follow the run
-        # without --ema step for step: best_raw.pt is what that run's best.pt would be.
         raw_improved = ema is not None and m["macro_f1"] > max((h["val_macro_f1"] for h in history), default=-1.0)
         if improved:
             best, best_epoch = kept, epoch
@@ -1250,11 +1258,12 @@ def cmd_train(args):
             if ema is not None:
                 state["ema"] = ema.state_dict()
             save_run(Path(args.out), state, best_checkpoint(state, ema, ema_m) if improved else None,
-                     weights_only(state) if raw_improved else None)
+                     best_raw_checkpoint(state) if raw_improved else None)
         if args.dry_run:
             break
+    raw = ", best_raw.pt" if (Path(args.out) / "best_raw.pt").exists() else ""
     log(f"best validation macro-F1 {best:.4f} at epoch {best_epoch}; checkpoints in {args.out}/ "
-        f"(best.pt{', best_raw.pt' if ema is not None else ''}, last.pt); {(time.time() - t0) / 60:.1f} min in all")
+        f"(best.pt{raw}, last.pt); {(time.time() - t0) / 60:.1f} min in all")
 
 
 def evaluation_setup(args):
@@ -1314,10 +1323,10 @@ def split_folder(data, split):
     return folder
 
 
-def split_seed(args):
-    """The seed of a run's validation split: --split-seed, or --seed for runs saved
-    before --split-seed existed (--seed moved the split then)."""
-    return args.get("split_seed", args["seed"])
+def run_split_seed(run_args):
+    """The seed of a run's validation split, from its checkpoint's args: --split-seed,
+    or --seed for runs saved before --split-seed existed (--seed moved the split then)."""
+    return run_args.get("split_seed", run_args.get("seed"))
 
 
 def validation_split(members, data):
@@ -1326,15 +1335,15 @@ def validation_split(members, data):
     scored on faces some member trained on. --data DATA replaces the folder."""
     def split(m):
         a = m.ckpt["args"]
-        return str(Path(data or a["data"]).resolve()), a["val_fraction"], split_seed(a)
+        return str(Path(data or a["data"]).resolve()), a["val_fraction"], run_split_seed(a)
     for m in members[1:]:
         if split(m) != split(members[0]):
             (d0, f0, s0), (d, f, s) = split(members[0]), split(m)
             raise FerError(f"{members[0].path} holds out {f0} of {d0} with split seed {s0} for validation but "
-                           f"{m.path} {f} of {d} with split seed {s}; an ensemble is validated on one split none of its members "
-                           "trained on: give checkpoints trained with the same --data, --val-fraction and --split-seed")
+                           f"{m.path} {f} of {d} with split seed {s}; an ensemble is validated on one split none "
+                           "of its members trained on: give checkpoints trained with the same --data, --val-fraction and --split-seed")
     a = members[0].ckpt["args"]
-    return data or a["data"], a["val_fraction"], split_seed(a), any(m.ckpt["args"]["skip_bad_images"] for m in members)
+    return data or a["data"], a["val_fraction"], run_split_seed(a), any(m.ckpt["args"]["skip_bad_images"] for m in members)
 
 
 def cmd_validate(args):
@@ -1852,10 +1861,10 @@ def save_photos(save_dir, results):
     written = set()
     for f in dict.fromkeys(r["file"] for r in results if r["box"]):
         name, n = f"{Path(f).stem}_faces.png", 1
-        while name in written:  # a/x.jpg and b/x.jpg: x_faces.png, x_2_faces.png (and x_2.jpg: x_2_2_faces.png)
+        while name.casefold() in written:  # a/x.jpg and b/x.jpg: x_faces.png, x_2_faces.png (and x_2.jpg: x_2_2_faces.png)
             n += 1
             name = f"{Path(f).stem}_{n}_faces.png"
-        written.add(name)
+        written.add(name.casefold())  # X.jpg and x.jpg: one file on case-insensitive disks
         picture = draw_faces(open_photo(f), [r for r in results if r["file"] == f])
         write_file(Path(save_dir) / name, lambda out: picture.save(out, format="PNG"))
         log(f"wrote {Path(save_dir) / name}")
@@ -1956,22 +1965,24 @@ def cmd_bench(args):
             memory, mib = peak_memory(rt)
             log(f"{label:<24} {s:>4}px  {amp:>8}  channels_last={str(rt.channels_last):<5}  "
                 f"train {train_ips:7.1f} img/s  infer {infer_ips:7.1f} img/s  peak {memory} {mib:5.0f} MiB")
+            num_classes = len(faces.classes)
             del model, faces
         default = rows[len(pairs) + 1]
-        alone = bench_network_alone(args, ours, size, batch)
+        alone = bench_network_alone(args, ours, size, batch, num_classes)
         log(f"ours / report at {args.report_size}px: {rows[1] / rows[0]:.1f}x training; "
             f"ours at {size}px / report at {args.report_size}px: {default / rows[0]:.1f}x; "
             f"an epoch of 4,500 images at {size}px: about {4500 / default:.0f} s; "
-            f"ours / the network alone: {default / alone:.2f}"
+            f"ours / the network alone: {default / alone:.2f} of its speed"
             + (f"; torch.compile: {rows[-1] / default:.2f}x" if args.compile else ""))
     return rows + [alone]
 
 
-def bench_network_alone(args, rt, size, batch):
+def bench_network_alone(args, rt, size, batch, num_classes):
     """Training images/s of the network on one batch of random tensors already in
-    memory, in training's precision and layout: the most any input pipeline could feed."""
+    memory, in training's precision and layout: the most any input pipeline could
+    feed (the pipeline rows pay for decoding, augmentation and the layout change)."""
     torch.manual_seed(0)
-    model = build_model(args.model, 2, args.in_channels, size, rt)
+    model = build_model(args.model, num_classes, args.in_channels, size, rt)
     x = rt.prepare(torch.randn(batch, args.in_channels, size, size, device=rt.device))
     y = torch.randint(0, 2, (batch,), device=rt.device)
     ips = bench_train(model, itertools.repeat((x, y)), args.steps, rt)
@@ -2149,7 +2160,8 @@ def add_train(sub):
                    help=f"share of each class of train/ held out for validation (default: {D['val_fraction']})")
     t.add_argument("--split-seed", type=int, help="seed of the train / validation split; runs that differ only in "
                    f"--seed hold out the same faces, so their means and ensembles compare (default: {D['split_seed']})")
-    t.add_argument("--seed", type=int, help=f"seed of the initialisation and the batch order (default: {D['seed']})")
+    t.add_argument("--seed", type=int, help="seed of the initialisation, the batch order, the augmentation and mixup "
+                   f"(default: {D['seed']})")
     t.add_argument("--pipeline", choices=["tensor", "pil"],
                    help="tensor: decoded once, augmented per batch; pil: the report's per-image "
                         "PIL transforms, for comparison (default: tensor)")

@@ -109,7 +109,7 @@ def test_resume_continues_to_the_same_weights(schedule, mixup, ema, tiny_data, t
     assert code == 0 and fer.load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1, err
     if mixup == "0" and not ema:  # a run saved before --mixup and --ema existed resumes as one without them
         ckpt = fer.load_checkpoint(tmp_path / "cut" / "last.pt")
-        del ckpt["args"]["mixup"], ckpt["args"]["ema"]
+        del ckpt["args"]["mixup"], ckpt["args"]["ema"], ckpt["args"]["split_seed"]  # --seed 0 split it then
         torch.save(ckpt, tmp_path / "cut" / "last.pt")
     r = run_fer("train", "--resume", tmp_path / "cut" / "last.pt")
     assert r.returncode == 0, r.stderr
@@ -259,7 +259,7 @@ def test_bench_prints_figures(tiny_data):
     assert ("32", "float32", "False") in rows[2:] and ("32", "float32", "True") in rows[2:]
     assert "threads" in stdout and "x training" in stdout
     assert re.search(r"^training precision: (bfloat16 autocast|float32) \(", stdout, re.M)
-    if fer.cpu_flags() is not None:
+    if fer.pick_device("auto") == "cpu" and fer.cpu_flags() is not None:
         assert "AVX2 " in stdout and "AVX512-BF16 " in stdout and "PyTorch's CPU kernels: " in stdout
     alone = re.search(r"the network alone +32px +(\w+) +channels_last=(\w+) +train +([\d.]+) img/s", stdout)
     assert alone and alone.groups()[:2] == rows[-1][1:]  # in training's precision and layout
@@ -364,3 +364,15 @@ def test_cpu_precision_follows_its_flags(flags, chosen, monkeypatch):
     text = fer.describe_precision(rt, args)
     assert text.startswith(chosen) and "AVX2 yes" in text
     assert ("AVX512-BF16 yes" in text) == ("avx512_bf16" in flags) and ("AMX-BF16 yes" in text) == ("amx_bf16" in flags)
+
+
+def test_cpu_precision_says_why(monkeypatch):
+    """--amp on a CPU without bfloat16 instructions still trains in float32, for that
+    reason; where no flags can be read (ARM, other systems), bench says so."""
+    monkeypatch.setattr(fer, "cpu_flags", lambda: {"avx2"})
+    args = argparse.Namespace(device="cpu", threads=torch.get_num_threads(), amp=True, channels_last=None)
+    assert fer.describe_precision(fer.setup_runtime(args), args).startswith("float32 (no native bfloat16")
+    monkeypatch.setattr(fer, "cpu_flags", lambda: None)
+    args.amp = False
+    text = fer.describe_precision(fer.setup_runtime(args), args)
+    assert text.startswith("float32 (--no-amp)") and "CPU flags unknown" in text

@@ -185,6 +185,7 @@ def test_ema_best_pt_keeps_the_weights_that_validated_better(winner, tiny_data, 
     assert best["best_metric"] == best["val_metrics"]["macro_f1"] == 1.0
     raw = fer.load_checkpoint(tmp_path / "best_raw.pt")  # the raw weights' best, whichever won
     assert raw["weights"] == "raw" and state_dicts_equal(raw["state_dict"], last["state_dict"])
+    assert raw["best_epoch"] == 1 and raw["best_metric"] == raw["val_metrics"]["macro_f1"] == (winner == "raw")
     with open(tmp_path / "history.csv", newline="") as f:
         assert next(csv.reader(f))[-2:] == ["ema_val_accuracy", "ema_val_macro_f1"]
     code, _, err = fer_main("validate", "--checkpoint", tmp_path / "best.pt", "--threads", "1",
@@ -207,3 +208,19 @@ def test_ema_leaves_the_raw_run_as_it_was(tiny_data, tmp_path, fer_main):
     best, best_raw = (fer.load_checkpoint(tmp_path / p) for p in ("plain/best.pt", "ema/best_raw.pt"))
     assert best["epoch"] == best_raw["epoch"] and state_dicts_equal(best["state_dict"], best_raw["state_dict"])
     assert not (tmp_path / "plain" / "best_raw.pt").exists()
+
+
+def test_seed_leaves_the_validation_split_to_split_seed(tiny_data, tmp_path, monkeypatch, fer_main):
+    """--seed changes the initialisation and the batches, never which faces are held
+    out: train and validate split by --split-seed, which the checkpoint records."""
+    seeds, real = [], fer.split_train_val
+    monkeypatch.setattr(fer, "split_train_val", lambda labels, fraction, seed: seeds.append(seed) or
+                        real(labels, fraction, seed))
+    for split in (None, "2"):
+        out = tmp_path / f"split{split}"
+        code, _, err = fer_main("train", "--data", tiny_data, *FAST, "--epochs", "1", "--no-amp", "--seed", "3",
+                                *(("--split-seed", split) if split else ()), "--out", out)
+        assert code == 0, err
+        assert fer_main("validate", "--checkpoint", out / "best.pt", "--threads", "1")[0] == 0
+        assert seeds[-2:] == [int(split or 0)] * 2
+        assert fer.load_checkpoint(out / "best.pt")["args"]["split_seed"] == int(split or 0)
