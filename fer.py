@@ -973,12 +973,17 @@ def pil_batches(faces, idx, batch_size, args, rt, perm_seed):
 
 
 def make_optimizer(args, model):
-    params = model.parameters()
+    """The recipe's optimiser, fused (one kernel over all parameters) on CPUs and GPUs:
+    the same update, but AlexNet's step with Adam took 0.68 s in the default
+    per-tensor loops on one CPU thread and 0.06 s fused (RESULTS.md, Speed)."""
+    params = list(model.parameters())
+    fused = dict(fused=True) if params and params[0].device.type in ("cpu", "cuda") else {}
     if args.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
+        return torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay,
+                               **fused)
     if args.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, **fused)
+    return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay, **fused)
 
 
 # --schedule plateau halves the rate once 6 epochs in a row bring no new best
@@ -1884,9 +1889,10 @@ def cmd_export(args):
 # ----------------------------------------------------------------------------
 # Benchmark: the report's pipeline against ours
 
-def bench_train(model, batches, steps, rt):
-    """Training images/s over `steps` steps, after one warm-up step."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+def bench_train(model, batches, steps, rt, recipe):
+    """Training images/s over `steps` steps, after one warm-up step, with the network's
+    optimiser (for AlexNet and VGG11 Adam's update is a large share of a step)."""
+    optimizer = make_optimizer(argparse.Namespace(weight_decay=TRAIN_DEFAULTS["weight_decay"], **recipe), model)
     criterion = nn.CrossEntropyLoss()
     model.train()
     tic, done = None, 0
@@ -1958,7 +1964,7 @@ def cmd_bench(args):
                 model = torch.compile(model)
             idx = torch.arange(len(faces.labels)).repeat(math.ceil(n_images / len(faces.labels)))
             batches = (pil_batches if pipeline == "pil" else tensor_batches)(faces, idx, batch, opts, rt, 0)
-            train_ips = bench_train(model, batches, args.steps, rt)
+            train_ips = bench_train(model, batches, args.steps, rt, recipe)
             infer_ips = bench_infer(model, faces, rt, batch)
             amp = str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "float32"
             rows.append(train_ips)
@@ -1985,7 +1991,7 @@ def bench_network_alone(args, rt, size, batch, num_classes):
     model = build_model(args.model, num_classes, args.in_channels, size, rt)
     x = rt.prepare(torch.randn(batch, args.in_channels, size, size, device=rt.device))
     y = torch.randint(0, 2, (batch,), device=rt.device)
-    ips = bench_train(model, itertools.repeat((x, y)), args.steps, rt)
+    ips = bench_train(model, itertools.repeat((x, y)), args.steps, rt, OURS[args.model])
     amp = str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "float32"
     log(f"{'the network alone':<24} {size:>4}px  {amp:>8}  channels_last={str(rt.channels_last):<5}  "
         f"train {ips:7.1f} img/s  (random tensors in memory)")
