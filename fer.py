@@ -1346,9 +1346,11 @@ def validation_split(members, data):
             (d0, f0, s0), (d, f, s) = split(members[0]), split(m)
             raise FerError(f"{members[0].path} holds out {f0} of {d0} with split seed {s0} for validation but "
                            f"{m.path} {f} of {d} with split seed {s}; an ensemble is validated on one split none "
-                           "of its members trained on: give checkpoints trained with the same --data, --val-fraction and --split-seed")
+                           "of its members trained on: give checkpoints trained with the same --data, "
+                           "--val-fraction and --split-seed")
     a = members[0].ckpt["args"]
-    return data or a["data"], a["val_fraction"], run_split_seed(a), any(m.ckpt["args"]["skip_bad_images"] for m in members)
+    skip_bad = any(m.ckpt["args"]["skip_bad_images"] for m in members)
+    return data or a["data"], a["val_fraction"], run_split_seed(a), skip_bad
 
 
 def cmd_validate(args):
@@ -1866,7 +1868,7 @@ def save_photos(save_dir, results):
     written = set()
     for f in dict.fromkeys(r["file"] for r in results if r["box"]):
         name, n = f"{Path(f).stem}_faces.png", 1
-        while name.casefold() in written:  # a/x.jpg and b/x.jpg: x_faces.png, x_2_faces.png (and x_2.jpg: x_2_2_faces.png)
+        while name.casefold() in written:  # a/x.jpg, b/x.jpg, x_2.jpg: x_faces, x_2_faces, x_2_2_faces
             n += 1
             name = f"{Path(f).stem}_{n}_faces.png"
         written.add(name.casefold())  # X.jpg and x.jpg: one file on case-insensitive disks
