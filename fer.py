@@ -548,6 +548,11 @@ class Runtime:
     def prepare(self, x):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    @property
+    def precision(self):
+        """The name of what training computes in: the autocast dtype, or float32."""
+        return str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "float32"
+
 
 def pick_device(name):
     if name == "auto":
@@ -616,7 +621,7 @@ def cpu_has_bf16():
 def describe_precision(rt, args):
     """The training precision and why it was chosen, and on a CPU the features that
     decide it, for `bench`'s header."""
-    chosen = f"{str(rt.amp_dtype).replace('torch.', '')} autocast" if rt.amp_dtype else "float32"
+    chosen = f"{rt.precision} autocast" if rt.amp_dtype else "float32"
     if rt.device.type != "cpu":
         return f"{chosen} ({'--no-amp' if args.amp is False else rt.device.type})"
     if args.amp is False:
@@ -1133,7 +1138,7 @@ def training_data(args, ckpt, rt):
     log(f"{args.model}: {len(train_idx)} training and {len(val_idx)} validation images of "
         f"{len(faces.classes)} classes ({', '.join(faces.classes)}), decoded in {time.time() - t0:.1f} s "
         f"on {rt.device} ({describe_device(rt.device)})"
-        f"{', ' + str(rt.amp_dtype).replace('torch.', '') + ' autocast' if rt.amp_dtype else ''}"
+        f"{', ' + rt.precision + ' autocast' if rt.amp_dtype else ''}"
         f"{', ' + str(rt.world) + ' processes' if rt.world > 1 else ''}")
     return faces, train_idx, val_idx
 
@@ -1968,10 +1973,9 @@ def cmd_bench(args):
             batches = (pil_batches if pipeline == "pil" else tensor_batches)(faces, idx, batch, opts, rt, 0)
             train_ips = bench_train(model, batches, args.steps, rt, recipe)
             infer_ips = bench_infer(model, faces, rt, batch)
-            amp = str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "float32"
             rows.append(train_ips)
             memory, mib = peak_memory(rt)
-            log(f"{label:<24} {s:>4}px  {amp:>8}  channels_last={str(rt.channels_last):<5}  "
+            log(f"{label:<24} {s:>4}px  {rt.precision:>8}  channels_last={str(rt.channels_last):<5}  "
                 f"train {train_ips:7.1f} img/s  infer {infer_ips:7.1f} img/s  peak {memory} {mib:5.0f} MiB")
             num_classes = len(faces.classes)
             del model, faces
@@ -1994,8 +1998,7 @@ def bench_network_alone(args, rt, size, batch, num_classes):
     x = rt.prepare(torch.randn(batch, args.in_channels, size, size, device=rt.device))
     y = torch.randint(0, 2, (batch,), device=rt.device)
     ips = bench_train(model, itertools.repeat((x, y)), args.steps, rt, OURS[args.model])
-    amp = str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "float32"
-    log(f"{'the network alone':<24} {size:>4}px  {amp:>8}  channels_last={str(rt.channels_last):<5}  "
+    log(f"{'the network alone':<24} {size:>4}px  {rt.precision:>8}  channels_last={str(rt.channels_last):<5}  "
         f"train {ips:7.1f} img/s  (random tensors in memory)")
     return ips
 
