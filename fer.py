@@ -78,7 +78,12 @@ REPORT = {
     "googlenet": dict(REPORT_COMMON, lr=3e-4, batch_size=32, epochs=100),
 }
 REPORT["resnet50"] = REPORT["resnet101"] = REPORT["resnet34"]  # the report trained only ResNet34
-RECIPES = {"ours": OURS, "report": REPORT}
+# `--recipe short`, the default on a CPU without native bfloat16 (it trains in float32,
+# 2-6x slower): ResNet34 at the faces' own 48 px for 40 epochs, under half of ours' time
+# there for the same validation Macro-F1 over seeds (RESULTS.md, "A recipe for
+# float32 CPUs"). The other networks train as in ours.
+SHORT = dict(OURS, resnet34=dict(OURS["resnet34"], image_size=48, epochs=40))
+RECIPES = {"ours": OURS, "report": REPORT, "short": SHORT}
 # Defaults of the `train` options that a recipe does not set.
 TRAIN_DEFAULTS = dict(schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, balanced=False, in_channels=3,
                       crop_scale=0.5, rotation=10.0, erasing=0.25, mixup=0.0, ema=None, val_fraction=0.1,
@@ -168,8 +173,10 @@ def image_transform(size):
 
 
 def open_image(path, in_channels):
-    """Any image file as a PIL image with 1 (L) or 3 (RGB) channels."""
+    """Any image file as a PIL image with 1 (L) or 3 (RGB) channels, upright as its
+    camera's EXIF orientation says (a phone's portrait photo is stored on its side)."""
     with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
         if img.mode == "P":  # palette images may carry transparency: go through RGBA
             img = img.convert("RGBA")
         return img.convert("RGB" if in_channels == 3 else "L")
@@ -936,19 +943,19 @@ def ensemble_probs(members, images_by_input, rt, batch_size, tta="none"):
     return torch.stack(each).mean(0), each
 
 
-def evaluate(model, faces, idx, rt, batch_size, tta="none"):
+def evaluate(model, faces, idx, rt, batch_size):
     """Confusion matrix of `faces[idx]`, training's check after each epoch. Under
     torchrun every process takes a shard and the matrices are summed, so the metrics
     cover the whole split."""
     idx = idx[rt.rank::rt.world]
-    probs = predict_probs(model, faces.images[idx], rt, batch_size, tta)
+    probs = predict_probs(model, faces.images[idx], rt, batch_size)
     cm = metrics.confusion_matrix(faces.labels[idx], probs.argmax(1) if len(idx) else idx,
                                   len(faces.classes))
     if rt.world > 1:
         cm = cm.to(rt.device)
         dist.all_reduce(cm)
         cm = cm.cpu()
-    return cm, probs
+    return cm
 
 
 def tensor_batches(faces, idx, batch_size, args, rt, perm_seed):
@@ -977,18 +984,17 @@ def pil_batches(faces, idx, batch_size, args, rt, perm_seed):
         yield x.to(rt.device), y.to(rt.device)
 
 
-def make_optimizer(args, model):
+def make_optimizer(model, name, lr, weight_decay):
     """The recipe's optimiser, fused (one kernel over all parameters) on CPUs and GPUs:
     the same update, but AlexNet's step with Adam took 0.68 s in the default
     per-tensor loops on one CPU thread and 0.06 s fused (RESULTS.md, Speed)."""
     params = list(model.parameters())
     fused = dict(fused=True) if params and params[0].device.type in ("cpu", "cuda") else {}
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay,
-                               **fused)
-    if args.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, **fused)
-    return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay, **fused)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay, **fused)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fused)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **fused)
 
 
 # --schedule plateau halves the rate once 6 epochs in a row bring no new best
@@ -1081,6 +1087,12 @@ RUN_OPTIONS = TRAIN_OPTIONS + ("data", "out", "amp", "channels_last")
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "epoch", "best_metric", "best_epoch", "history")
 
 
+def default_recipe(device):
+    """The recipe `train` and `bench` take unless told: short on a CPU that trains in
+    float32 (no native bfloat16), ours elsewhere."""
+    return "short" if pick_device(device) == "cpu" and not cpu_has_bf16() else "ours"
+
+
 def resolve_train_args(args):
     """Fill the network's recipe into the options the user left out; on --resume
     take every training option from the checkpoint instead, so the run continues
@@ -1114,7 +1126,11 @@ def resolve_train_args(args):
         args.data = args.data or ckpt["args"]["data"]
         args.out = args.out or ckpt["args"]["out"]
     args.model = args.model or "resnet34"
-    args.recipe = args.recipe or "ours"
+    if args.recipe is None:
+        args.recipe = default_recipe(args.device)
+        if RECIPES[args.recipe][args.model] != OURS[args.model]:
+            log(f"recipe {args.recipe}: the default on a CPU without native bfloat16 instructions, which "
+                "trains in float32 (--recipe ours for the 64 px one; RESULTS.md compares them)")
     for k, v in {**TRAIN_DEFAULTS, **RECIPES[args.recipe][args.model]}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -1157,7 +1173,7 @@ def training_setup(args, faces, train_idx, rt):
         raise FerError(f"--batch-size {args.batch_size} does not split evenly over {rt.world} processes; "
                        f"use a multiple of {rt.world}")
     steps = max(len(train_idx) // args.batch_size, 1)
-    optimizer = make_optimizer(args, raw_model)
+    optimizer = make_optimizer(raw_model, args.optimizer, args.lr, args.weight_decay)
     scheduler = make_scheduler(args, optimizer, steps * args.epochs)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     weight = class_weights(faces.labels[train_idx], len(faces.classes)).to(rt.device) if args.balanced else None
@@ -1188,10 +1204,10 @@ def restore(ckpt, args, raw_model, optimizer, scheduler, scaler, ema):
 
 def validate_epoch(raw_model, ema, faces, val_idx, rt, batch_size):
     """Validation metrics of the raw weights and, with --ema, of the averaged ones (else None)."""
-    m = metrics.classification_metrics(evaluate(raw_model, faces, val_idx, rt, batch_size)[0])
+    m = metrics.classification_metrics(evaluate(raw_model, faces, val_idx, rt, batch_size))
     if ema is None:
         return m, None
-    return m, metrics.classification_metrics(evaluate(ema.module, faces, val_idx, rt, batch_size)[0])
+    return m, metrics.classification_metrics(evaluate(ema.module, faces, val_idx, rt, batch_size))
 
 
 def epoch_summary(epoch, epochs, loss, m, ema_m, seconds, lr, images, improved):
@@ -1250,7 +1266,9 @@ def cmd_train(args):
                 dist.broadcast(b, 0)
         m, ema_m = validate_epoch(raw_model, ema, faces, val_idx, rt, args.batch_size * 2)
         if isinstance(scheduler, PLATEAU):
-            scheduler.step(m["macro_f1"])  # every process sees the same figure, so the rates stay equal
+            # the raw weights' figure (the rate trains them; an average only follows), and
+            # every process sees the same one, so the rates stay equal
+            scheduler.step(m["macro_f1"])
         kept = max(m["macro_f1"], ema_m["macro_f1"] if ema is not None else -1.0)  # best.pt keeps the better
         improved = kept > best
         raw_improved = ema is not None and m["macro_f1"] > max((h["val_macro_f1"] for h in history), default=-1.0)
@@ -1576,11 +1594,6 @@ def crop_face(photo, box, size, in_channels):
     return image_transform(size)(square.convert("L").convert("RGB" if in_channels == 3 else "L"))
 
 
-def open_photo(path):
-    """A photo upright (as its camera's EXIF orientation says) in RGB."""
-    return ImageOps.exif_transpose(open_image(path, 3))
-
-
 def looks_cropped(size):
     """Whether a picture of `size` (width, height) passes for a face crop."""
     w, h = size
@@ -1599,7 +1612,7 @@ def faces_to_classify(path, cascade, detect):
             note(f"{path} is {w}x{h}, not a face crop: the network expects a cropped face, as in FER2013; "
                  f"{DETECTOR_INSTALL} to find the faces first")
         return None, [None]
-    photo = open_photo(path)
+    photo = open_image(path, 3)
     return photo, find_faces(cascade, photo)
 
 
@@ -1877,7 +1890,7 @@ def save_photos(save_dir, results):
             n += 1
             name = f"{Path(f).stem}_{n}_faces.png"
         written.add(name.casefold())  # X.jpg and x.jpg: one file on case-insensitive disks
-        picture = draw_faces(open_photo(f), [r for r in results if r["file"] == f])
+        picture = draw_faces(open_image(f, 3), [r for r in results if r["file"] == f])
         write_file(Path(save_dir) / name, lambda out: picture.save(out, format="PNG"))
         log(f"wrote {Path(save_dir) / name}")
 
@@ -1899,7 +1912,7 @@ def cmd_export(args):
 def bench_train(model, batches, steps, rt, recipe):
     """Training images/s over `steps` steps, after one warm-up step, with the network's
     optimiser (for AlexNet and VGG11 Adam's update is a large share of a step)."""
-    optimizer = make_optimizer(argparse.Namespace(weight_decay=TRAIN_DEFAULTS["weight_decay"], **recipe), model)
+    optimizer = make_optimizer(model, recipe["optimizer"], recipe["lr"], recipe["weight_decay"])
     criterion = nn.CrossEntropyLoss()
     model.train()
     tic, done = None, 0
@@ -1940,7 +1953,8 @@ def peak_memory(rt):
 def cmd_bench(args):
     """Training and inference throughput of the report's pipeline and of ours."""
     args.model = args.model or "resnet34"
-    recipe = OURS[args.model]
+    name = default_recipe(args.device)  # and the recipe's values: what `train` runs here
+    recipe = {**TRAIN_DEFAULTS, **RECIPES[name][args.model]}
     size = args.image_size or recipe["image_size"]
     batch = args.batch_size or recipe["batch_size"]
     n_images = batch * (args.steps + 1)
@@ -1948,7 +1962,7 @@ def cmd_bench(args):
         root = Path(args.data) / "train" if args.data else write_fake_folder(Path(tmp), 2, n_images)
         ours = setup_runtime(args)
         plain = Runtime(ours.device)  # float32, default memory layout
-        log(f"bench {args.model}, batch {batch}, {args.steps} timed steps after one warm-up "
+        log(f"bench {args.model} ({name} recipe), batch {batch}, {args.steps} timed steps after one warm-up "
             f"(precision and layout are training's; inference on a CPU runs in float32), on "
             f"{describe_device(ours.device)}\ntraining precision: {describe_precision(ours, args)}")
         # At the training size, every precision x layout pair, so each speed-up shows on its own;
@@ -1960,7 +1974,7 @@ def cmd_bench(args):
                     for amp, cl in pairs]
         if args.compile:
             configs.append(("ours + torch.compile", ours, "tensor", size, True))
-        augmentation = {k: TRAIN_DEFAULTS[k] for k in ("crop_scale", "rotation", "erasing")}  # train's defaults
+        augmentation = {k: recipe[k] for k in ("crop_scale", "rotation", "erasing")}
         rows = []
         for label, rt, pipeline, s, compiled in configs:
             faces = load_faces(root, s, args.in_channels, skip_bad=True, limit=n_images)
@@ -1980,7 +1994,7 @@ def cmd_bench(args):
             num_classes = len(faces.classes)
             del model, faces
         default = rows[len(pairs) + 1]
-        alone = bench_network_alone(args, ours, size, batch, num_classes)
+        alone = bench_network_alone(args, ours, size, batch, num_classes, recipe)
         log(f"ours / report at {args.report_size}px: {rows[1] / rows[0]:.1f}x training; "
             f"ours at {size}px / report at {args.report_size}px: {default / rows[0]:.1f}x; "
             f"an epoch of 4,500 images at {size}px: about {4500 / default:.0f} s; "
@@ -1989,7 +2003,7 @@ def cmd_bench(args):
     return rows + [alone]
 
 
-def bench_network_alone(args, rt, size, batch, num_classes):
+def bench_network_alone(args, rt, size, batch, num_classes, recipe):
     """Training images/s of the network on one batch of random tensors already in
     memory, in training's precision and layout: the most any input pipeline could
     feed (the pipeline rows pay for decoding, augmentation and the layout change)."""
@@ -1997,7 +2011,7 @@ def bench_network_alone(args, rt, size, batch, num_classes):
     model = build_model(args.model, num_classes, args.in_channels, size, rt)
     x = rt.prepare(torch.randn(batch, args.in_channels, size, size, device=rt.device))
     y = torch.randint(0, 2, (batch,), device=rt.device)
-    ips = bench_train(model, itertools.repeat((x, y)), args.steps, rt, OURS[args.model])
+    ips = bench_train(model, itertools.repeat((x, y)), args.steps, rt, recipe)
     log(f"{'the network alone':<24} {size:>4}px  {rt.precision:>8}  channels_last={str(rt.channels_last):<5}  "
         f"train {ips:7.1f} img/s  (random tensors in memory)")
     return ips
@@ -2058,10 +2072,11 @@ def class_list(text):
 
 
 def recipe_table():
-    """`train --help`'s table of both recipes, made from RECIPES so it cannot drift."""
+    """`train --help`'s table of the recipes, made from RECIPES so it cannot drift; short
+    only where it differs from ours."""
     rows = [("network", "recipe", "optimizer", "lr", "batch", "epochs", "size", "schedule", "augmentation, loss")]
     for net in sorted(MODELS):
-        for name in ("ours", "report"):
+        for name in ["ours", "report"] + ["short"] * (SHORT[net] != OURS[net]):
             r = {**TRAIN_DEFAULTS, **RECIPES[name][net]}
             aug = [f"crop {r['crop_scale']:g}-1", "flip"] + [f"rotate {r['rotation']:g}"] * (r["rotation"] > 0) \
                 + [f"erase {r['erasing']:g}"] * (r["erasing"] > 0) \
@@ -2138,7 +2153,8 @@ def add_train(sub):
     t.add_argument("--model", choices=sorted(MODELS), help="network (default: resnet34)")
     t.add_argument("--out", help="folder for best.pt and last.pt (default: runs/<model>)")
     t.add_argument("--recipe", choices=sorted(RECIPES), help="the per-network values of the table below: "
-                   "ours (fast on a CPU) or the report's; options given explicitly override it (default: ours)")
+                   "ours (fast on a CPU), the report's, or short (ours cut for CPUs without native bfloat16); "
+                   "options given explicitly override it (default: short on such a CPU, else ours)")
     t.add_argument("--resume", metavar="CKPT", help="continue the run saved in CKPT (its last.pt) "
                    "with the options it was started with (default: a new run)")
     t.add_argument("--epochs", type=number(int, 1), help="epochs (default: per network and recipe)")

@@ -382,6 +382,5 @@ def test_cpu_precision_says_why(monkeypatch):
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
 def test_optimisers_are_fused_on_a_cpu(optimizer):
     """One fused kernel per step, not a loop over the tensors (2x AlexNet's speed)."""
-    args = argparse.Namespace(optimizer=optimizer, lr=0.01, weight_decay=5e-4)
-    opt = fer.make_optimizer(args, nn.Linear(4, 2))
+    opt = fer.make_optimizer(nn.Linear(4, 2), optimizer, 0.01, 5e-4)
     assert opt.defaults["fused"] is True and type(opt).__name__.lower() == optimizer

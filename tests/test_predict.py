@@ -334,3 +334,15 @@ def test_annotated_photos_of_the_same_name_do_not_overwrite_each_other(tmp_path)
     (tmp_path / "out").mkdir()
     fer.save_photos(tmp_path / "out", results)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x_2_2_faces.png", "x_2_faces.png", "x_faces.png"]
+
+
+def test_pictures_are_read_upright_as_their_exif_says(tmp_path):
+    """A phone stores a portrait photo on its side with an orientation tag (6: turn it a
+    quarter clockwise): every reader, whole picture or detected face, turns it upright."""
+    img = Image.new("L", (8, 4))
+    img.putpixel((0, 0), 255)  # top left as stored: top right once upright
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "side.png", exif=exif)
+    upright = fer.open_image(tmp_path / "side.png", 1)
+    assert upright.size == (4, 8) and upright.getpixel((3, 0)) == 255
