@@ -660,22 +660,22 @@ def describe_cpu():
 # ----------------------------------------------------------------------------
 # Models and checkpoints
 
-def build_model(arch, num_classes, in_channels, image_size, rt=None):
+def build_model(arch, num_classes, in_channels, image_size, rt=None, option="--image-size"):
     model = MODELS[arch](num_classes=num_classes, in_channels=in_channels)
     if image_size < model.min_size:
-        raise FerError(f"--image-size {image_size} is below {arch}'s minimum of "
-                       f"{model.min_size}; use --image-size {model.min_size} or more")
+        raise FerError(f"{option} {image_size} is below {arch}'s minimum of "
+                       f"{model.min_size}; use {option} {model.min_size} or more")
     if rt is not None:
         model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last
                          else torch.preserve_format)
     return model
 
 
-def check_image_size(arch, image_size):
+def check_image_size(arch, image_size, option="--image-size"):
     """build_model's size check before any data is decoded: the network is built on
     the meta device, which allocates and initialises nothing (milliseconds)."""
     with torch.device("meta"):
-        build_model(arch, 2, 3, image_size)
+        build_model(arch, 2, 3, image_size, option=option)
 
 
 def save_checkpoint(state, path):
@@ -1946,6 +1946,8 @@ def cmd_bench(args):
     recipe = {**TRAIN_DEFAULTS, **OURS[args.model]}  # what `train` runs by default
     size = args.image_size or recipe["image_size"]
     batch = args.batch_size or recipe["batch_size"]
+    check_image_size(args.model, size)
+    check_image_size(args.model, args.report_size, "--report-size")
     n_images = batch * (args.steps + 1)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.data) / "train" if args.data else write_fake_folder(Path(tmp), 2, n_images)

@@ -304,6 +304,12 @@ def test_6_image_size_below_minimum(tiny_data, tmp_path, fer_cli):
     assert not (tmp_path / "out").exists()
 
 
+def test_6_bench_names_the_size_option_that_is_too_small(fer_main):
+    """bench has two sizes; the error names the one at fault, before anything is built."""
+    code, _, err = fer_main("bench", "--model", "alexnet", "--report-size", "48")
+    assert_error(code, err, "--report-size 48 is below alexnet's minimum of 63", "--report-size 63")
+
+
 @pytest.mark.parametrize("options, needle", [
     (("--epochs", "0"), "--epochs: 0 is out of range (must be >= 1)"),
     (("--epochs", "two"), "--epochs: 'two' is not an integer"),
