@@ -87,7 +87,8 @@ RECIPES = {"ours": OURS, "report": REPORT, "short": SHORT}
 # Defaults of the `train` options that a recipe does not set.
 TRAIN_DEFAULTS = dict(schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, balanced=False, in_channels=3,
                       crop_scale=0.5, rotation=10.0, erasing=0.25, mixup=0.0, ema=None, val_fraction=0.1,
-                      split_seed=0, seed=0, pipeline="tensor", skip_bad_images=False, classes=None)
+                      split_seed=0, seed=0, pipeline="tensor", skip_bad_images=False, classes=None,
+                      watch_test=False)
 # Beta(alpha, alpha)'s float32 sampler underflows below an alpha of about 0.005 and then
 # draws 0.5, the strongest blend, when a tiny alpha means "almost none": refuse those.
 MIXUP_MIN_ALPHA = 0.01
@@ -691,7 +692,8 @@ def weights_only(state):
 
 
 HISTORY_COLUMNS = ("epoch", "loss", "val_accuracy", "val_macro_f1", "lr", "seconds")
-EMA_COLUMNS = ("ema_val_accuracy", "ema_val_macro_f1")  # history.csv's two more with --ema
+# history.csv's optional columns: two more with --ema, two more with --watch-test
+EXTRA_COLUMNS = ("ema_val_accuracy", "ema_val_macro_f1", "test_accuracy", "test_macro_f1")
 
 
 def save_run(out, state, best, best_raw=None):
@@ -703,7 +705,7 @@ def save_run(out, state, best, best_raw=None):
         save_checkpoint(best, out / "best.pt")
     if best_raw is not None:
         save_checkpoint(best_raw, out / "best_raw.pt")
-    columns = HISTORY_COLUMNS + tuple(k for k in EMA_COLUMNS if k in state["history"][0])
+    columns = HISTORY_COLUMNS + tuple(k for k in EXTRA_COLUMNS if k in state["history"][0])
     rows = [",".join(columns)] + [",".join(f"{h[k]:.6g}" if isinstance(h[k], float) else str(h[k])
                                            for k in columns) for h in state["history"]]
     write_file(out / "history.csv", lambda f: f.write(("\n".join(rows) + "\n").encode()), option="--out")
@@ -1080,9 +1082,11 @@ def cmd_prepare(args):
 TRAIN_OPTIONS = ("model", "recipe", "epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay",
                  "label_smoothing", "balanced", "image_size", "in_channels", "crop_scale", "rotation",
                  "erasing", "mixup", "ema", "val_fraction", "split_seed", "seed", "pipeline", "skip_bad_images",
-                 "classes")
+                 "classes", "watch_test")
 # What a checkpoint's `args` records: the training options and where the run read and wrote.
 RUN_OPTIONS = TRAIN_OPTIONS + ("data", "out", "amp", "channels_last")
+# The training options of runs saved before the option existed: what those runs did.
+OLDER_RUNS = dict(mixup=0.0, recipe="ours", ema=None, classes=None, watch_test=False)
 # What `--resume` needs beyond CHECKPOINT_KEYS (best.pt and exports drop the first three).
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "epoch", "best_metric", "best_epoch", "history")
 
@@ -1097,10 +1101,8 @@ def resolve_train_args(args):
         if args.model and args.model != ckpt["arch"]:
             raise FerError(f"--resume {args.resume} is a {ckpt['arch']} checkpoint but --model is "
                            f"{args.model}; drop --model or resume a {args.model} checkpoint")
-        ckpt["args"].setdefault("mixup", 0.0)  # runs saved before --mixup existed had none
-        ckpt["args"].setdefault("recipe", "ours")  # nor a recipe other than ours
-        ckpt["args"].setdefault("ema", None)  # nor --ema
-        ckpt["args"].setdefault("classes", None)  # nor a subset of the class folders
+        for k, v in OLDER_RUNS.items():
+            ckpt["args"].setdefault(k, v)
         ckpt["args"]["split_seed"] = run_split_seed(ckpt["args"])
         missing = [k for k in RESUME_KEYS if k not in ckpt] + [k for k in TRAIN_OPTIONS if k not in ckpt["args"]]
         missing += ["ema"] if ckpt["args"]["ema"] and "ema" not in ckpt else []
@@ -1147,6 +1149,21 @@ def training_data(args, ckpt, rt):
         f"{', ' + rt.precision + ' autocast' if rt.amp_dtype else ''}"
         f"{', ' + str(rt.world) + ' processes' if rt.world > 1 else ''}")
     return faces, train_idx, val_idx
+
+
+def watched_test(args, classes):
+    """--watch-test: DATA/test, decoded as the training faces are, or None. Scored after
+    every epoch and only written down: it measures what choosing the epoch on the test
+    set, as the report did, would give; nothing in training reads its figures."""
+    if not args.watch_test:
+        return None
+    test_dir = split_folder(args.data, "test")
+    faces = load_faces(test_dir, args.image_size, args.in_channels, args.skip_bad_images, classes=args.classes)
+    if faces.classes != classes:
+        raise FerError(f"--watch-test: {test_dir} has classes {faces.classes} but the training folder "
+                       f"{classes}; give --data with the same class folders in train/ and test/")
+    log(f"--watch-test: {len(faces.labels)} test images scored after every epoch, never used to choose")
+    return faces
 
 
 def training_setup(args, faces, train_idx, rt):
@@ -1200,16 +1217,20 @@ def validate_epoch(raw_model, ema, faces, val_idx, rt, batch_size):
     return m, metrics.classification_metrics(evaluate(ema.module, faces, val_idx, rt, batch_size))
 
 
-def epoch_summary(epoch, epochs, loss, m, ema_m, seconds, lr, images, improved):
-    """An epoch's row of the history, logged as one line."""
+def epoch_summary(epoch, epochs, loss, m, ema_m, test_m, seconds, lr, images, improved):
+    """An epoch's row of the history, logged as one line; --watch-test's figures
+    (test_m, else None) come last, after a bar, apart from what chooses the epoch."""
     row = dict(epoch=epoch, loss=loss, val_accuracy=m["accuracy"],
                val_macro_f1=m["macro_f1"], seconds=seconds, lr=lr)
-    ema_text = ""
+    ema_text = test_text = ""
     if ema_m is not None:
         row.update(ema_val_accuracy=ema_m["accuracy"], ema_val_macro_f1=ema_m["macro_f1"])
         ema_text = f"ema acc {ema_m['accuracy']:.4f}  ema macro-F1 {ema_m['macro_f1']:.4f}  "
+    if test_m is not None:
+        row.update(test_accuracy=test_m["accuracy"], test_macro_f1=test_m["macro_f1"])
+        test_text = f"  | watched, not used: test acc {test_m['accuracy']:.4f}  test macro-F1 {test_m['macro_f1']:.4f}"
     log(f"epoch {epoch:3d}/{epochs}  loss {loss:.4f}  val acc {m['accuracy']:.4f}  val macro-F1 {m['macro_f1']:.4f}  "
-        f"{ema_text}{images / seconds:6.0f} img/s  {seconds:5.1f} s  lr {lr:.2e}{'  *' if improved else ''}")
+        f"{ema_text}{images / seconds:6.0f} img/s  {seconds:5.1f} s  lr {lr:.2e}{'  *' if improved else ''}{test_text}")
     return row
 
 
@@ -1236,6 +1257,7 @@ def cmd_train(args):
     rt = setup_runtime(args, distributed=True)
     t0 = time.time()
     faces, train_idx, val_idx = training_data(args, ckpt, rt)
+    test_faces = watched_test(args, faces.classes)
     model, raw_model, optimizer, scheduler, scaler, criterion, steps = training_setup(args, faces, train_idx, rt)
     ema = make_ema(raw_model, args.ema)  # of the raw network: DDP and compile wrap the same weights
     start, best, best_epoch, history = 0, -1.0, 0, []
@@ -1264,7 +1286,9 @@ def cmd_train(args):
         raw_improved = ema is not None and m["macro_f1"] > max((h["val_macro_f1"] for h in history), default=-1.0)
         if improved:
             best, best_epoch = kept, epoch
-        history.append(epoch_summary(epoch, args.epochs, loss, m, ema_m, seconds, lr,
+        test_m = None if test_faces is None else metrics.classification_metrics(
+            evaluate(raw_model, test_faces, torch.arange(len(test_faces.labels)), rt, args.batch_size * 2))
+        history.append(epoch_summary(epoch, args.epochs, loss, m, ema_m, test_m, seconds, lr,
                                      steps * args.batch_size, improved))
         if rt.rank == 0:
             state = dict(arch=args.model, classes=faces.classes, image_size=args.image_size,
@@ -1744,16 +1768,21 @@ def draw_curves(history, best_epoch, width=960, height=360, font_size=14):
     """Training loss (left) and validation accuracy and Macro-F1 (right; with --ema the
     averaged weights' Macro-F1 too) by epoch, the kept epoch (best validation Macro-F1)
     marked by a grey line in both."""
-    img = Image.new("RGB", (width, height), "white")
-    d, font = ImageDraw.Draw(img), load_font(font_size)
     epochs = [h["epoch"] for h in history]
     panels = [("training loss", [("loss", [h["loss"] for h in history], "firebrick")]),
               ("validation", [("accuracy", [h["val_accuracy"] for h in history], "steelblue"),
                               ("Macro-F1", [h["val_macro_f1"] for h in history], "darkorange")])]
     if "ema_val_macro_f1" in history[0]:
         panels[1][1].append(("EMA Macro-F1", [h["ema_val_macro_f1"] for h in history], "seagreen"))
+    if "test_macro_f1" in history[0]:  # --watch-test: a panel of its own, apart from what chooses
+        panels.append(("test (watched, never used)", [("accuracy", [h["test_accuracy"] for h in history], "steelblue"),
+                                                      ("Macro-F1", [h["test_macro_f1"] for h in history], "darkorange")]))
+    width = width * len(panels) // 2
+    img = Image.new("RGB", (width, height), "white")
+    d, font = ImageDraw.Draw(img), load_font(font_size)
     for k, (title, series) in enumerate(panels):
-        plot_panel(d, (k * width // 2, 0, (k + 1) * width // 2, height), epochs, series, best_epoch, title, font)
+        plot_panel(d, (k * width // len(panels), 0, (k + 1) * width // len(panels), height), epochs, series,
+                   best_epoch, title, font)
     return img
 
 
@@ -2185,6 +2214,10 @@ def add_train(sub):
                         "PIL transforms, for comparison (default: tensor)")
     t.add_argument("--skip-bad-images", action=argparse.BooleanOptionalAction, default=None,
                    help="leave out images that cannot be decoded instead of stopping (default: off)")
+    t.add_argument("--watch-test", action="store_true", default=None,
+                   help="also score DATA/test after every epoch into history.csv and curves.png, to measure what "
+                        "choosing the epoch on the test set (as the report did) would flatter; never used to choose "
+                        "the epoch or anything else: the one exception to `test` alone reading it (default: off)")
     t.add_argument("--compile", action="store_true", help="torch.compile the network (default: off)")
     t.add_argument("--dry-run", action="store_true", help="one epoch only, to check a setup quickly")
     runtime_options(t)

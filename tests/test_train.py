@@ -238,3 +238,52 @@ def test_seed_leaves_the_validation_split_to_split_seed(tiny_data, tmp_path, mon
         assert fer_main("validate", "--checkpoint", out / "best.pt", "--threads", "1")[0] == 0
         assert seeds[-2:] == [int(split or 0)] * 2
         assert fer.load_checkpoint(out / "best.pt")["args"]["split_seed"] == int(split or 0)
+
+
+def test_watch_test_is_written_down_and_never_chooses(tiny_data, tmp_path, monkeypatch, fer_main):
+    """--watch-test scores DATA/test after every epoch into history.csv, and nothing
+    else. The evaluation is rigged so that validation prefers epoch 1 and the test
+    split epoch 3: the run with the option keeps epoch 1, with the same best.pt and
+    last.pt weights as the run without it, and its history shows what the test split
+    would have chosen."""
+    real = fer.evaluate
+
+    def rigged(model, faces, idx, rt, batch_size):
+        cm = real(model, faces, idx, rt, batch_size)
+        epoch = len(rigged.seen[faces.files[0]]) + 1 if faces.files[0] in rigged.seen else 1
+        rigged.seen.setdefault(faces.files[0], []).append(epoch)
+        wins = epoch == (3 if "/test/" in faces.files[0].replace("\\", "/") else 1)
+        return cm.sum(1).diag() if wins else cm.sum(1).diag().roll(1, 1)  # all right, or all wrong
+
+    monkeypatch.setattr(fer, "evaluate", rigged)
+    runs = {}
+    for watch in (False, True):
+        rigged.seen = {}
+        out = tmp_path / f"watch{watch}"
+        code, stdout, err = fer_main("train", "--data", tiny_data, *FAST, "--epochs", "3", "--no-amp",
+                                     *(("--watch-test",) if watch else ()), "--out", out)
+        assert code == 0, err
+        assert len(rigged.seen) == 1 + watch  # the test split is read only with the option
+        runs[watch] = [fer.load_checkpoint(out / p) for p in ("best.pt", "last.pt")] + [stdout, out]
+    monkeypatch.setattr(fer, "evaluate", real)
+    (best0, last0, _, _), (best1, last1, stdout, out) = runs[False], runs[True]
+    assert best0["epoch"] == best1["epoch"] == last1["best_epoch"] == 1
+    assert state_dicts_equal(best0["state_dict"], best1["state_dict"])
+    assert state_dicts_equal(last0["state_dict"], last1["state_dict"])
+    assert last1["args"]["watch_test"] is True and last0["args"]["watch_test"] is False
+    with open(out / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["test_accuracy"]) for r in rows] == [0.0, 0.0, 1.0]  # the test split would choose epoch 3
+    assert [float(r["val_accuracy"]) for r in rows] == [1.0, 0.0, 0.0]
+    assert stdout.count("watched, not used: test acc") == 3
+
+
+def test_watch_test_is_kept_on_resume(tiny_data, tmp_path, fer_main):
+    """--resume continues a --watch-test run with it, and refuses the option given again."""
+    args = ("--data", tiny_data, *FAST, "--no-amp", "--out", tmp_path)
+    assert fer_main("train", *args, "--epochs", "2", "--watch-test", "--dry-run")[0] == 0
+    code, out, err = fer_main("train", "--resume", tmp_path / "last.pt", "--threads", "1")
+    assert code == 0, err
+    assert "watched, not used" in out
+    code, _, err = fer_main("train", "--resume", tmp_path / "last.pt", "--watch-test")
+    assert code == 2 and "drop --watch-test" in err
