@@ -1,44 +1,32 @@
 #!/usr/bin/env python
 """fer: facial expression recognition with classic CNNs trained from scratch.
 
-    python fer.py prepare  ~/Downloads/fer2013.csv        # -> data/fer5, data/fer2013
-    python fer.py train    --model resnet34                # on data/fer5 -> runs/resnet34/
+    python fer.py train    --recipe report --model resnet34   # the report's recipe: 224 px, Adam, hours
+    python fer.py train    --model resnet34                   # ours (the default): 64 px, minutes
     python fer.py validate --checkpoint runs/resnet34/best.pt
     python fer.py test     --checkpoint runs/resnet34/best.pt
-    python fer.py test     --checkpoint runs/resnet34/best.pt runs/vgg11/best.pt   # an ensemble
-    python fer.py predict  samples/ face.jpg               # the shipped checkpoint by default
-    python fer.py bench    --model resnet34
-    python fer.py export   --checkpoint runs/resnet34/best.pt --out checkpoints/resnet34.pt
+    python fer.py test     --checkpoint runs/resnet34/best.pt --checkpoint runs/googlenet/best.pt  # ensemble
+    python fer.py export   --checkpoint runs/resnet34/best.pt --out resnet34_fer5_64.pt --half
 
-This file owns the data, the loops, the checkpoints and the command line;
-nets.py holds the networks and metrics.py the confusion-matrix metrics.
-Run `python fer.py <command> --help` for every option and its default.
-
-Contents, top to bottom: recipes and constants; data (image folders decoded into
-tensors, augmentation, test-time views; `prepare`'s readers of FER2013); runtime
-(device, precision, processes); models and checkpoints; the loops (one training
-epoch, one evaluation); the commands prepare, train, validate, test; using a
-model (predict, pictures, export); bench; the command line.
+This file is the report's path, read top to bottom: recipes; data (image folders
+decoded into tensors, the split, augmentation, the report's own transforms);
+runtime (device, precision, processes); models and checkpoints; the loops (one
+training epoch, one evaluation); the commands train, validate, test and export;
+the command line. nets.py holds the networks, metrics.py the confusion-matrix
+metrics, pictures.py the drawings. Each other job is a script that imports this
+file: prepare.py (FER2013 as downloaded -> data/), predict.py (faces in pictures
+and photos), bench.py (images/s). `python fer.py <command> --help` lists every
+option and its default.
 """
+import common  # first: it makes Ctrl-C while torch loads one line, not a traceback
 import argparse
-import csv
-import hashlib
-import io
 import itertools
-import json
 import math
 import os
-import platform
-import shutil
-import sys
-import tarfile
-import tempfile
 import time
 import warnings
-import zipfile
-import zlib
-from contextlib import nullcontext, suppress
-from dataclasses import dataclass, replace
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,11 +34,14 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageOps
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
+import ferplus
 import metrics
+import pictures
+from runtime import Progress, describe_device, log, setup_runtime
+from common import IMG_EXTENSIONS, MANIFEST, FerError, Parser, make_folder, number, write_file, write_json
 from nets import MODELS
 
 # Per-network defaults of `train`: the recipes of the results in the README. All
@@ -78,12 +69,7 @@ REPORT = {
     "googlenet": dict(REPORT_COMMON, lr=3e-4, batch_size=32, epochs=100),
 }
 REPORT["resnet50"] = REPORT["resnet101"] = REPORT["resnet34"]  # the report trained only ResNet34
-# `--recipe short`, for a CPU without native bfloat16 (it trains in float32, 2-6x
-# slower): ResNet34 at the faces' own 48 px for 40 epochs, 0.35 of ours' time there but
-# 0.533 against 0.566 validation Macro-F1 over three seeds, so not the default
-# (RESULTS.md, "A recipe for float32 CPUs"). The other networks train as in ours.
-SHORT = dict(OURS, resnet34=dict(OURS["resnet34"], image_size=48, epochs=40))
-RECIPES = {"ours": OURS, "report": REPORT, "short": SHORT}
+RECIPES = {"ours": OURS, "report": REPORT}
 # Defaults of the `train` options that a recipe does not set.
 TRAIN_DEFAULTS = dict(schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, balanced=False, in_channels=3,
                       crop_scale=0.5, rotation=10.0, erasing=0.25, mixup=0.0, ema=None, val_fraction=0.1,
@@ -99,22 +85,8 @@ MEAN, STD = 0.5, 0.5
 AUX_WEIGHT = 0.3
 # What `train` and `test` read when no --data is given: what `prepare` writes.
 DEFAULT_DATA = "data/fer5"
-# What `predict` uses without --checkpoint: GoogLeNet trained on FER2013's faces of the
-# five classes (4.8 times fer5's), better on validation than the fer5 checkpoints
-# (RESULTS.md, "The users' model"); the report's task keeps checkpoints/resnet34.pt.
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "googlenet_fer2013_5class_e30.pt"
 # Checkpoint fields every command relies on.
 CHECKPOINT_KEYS = ("arch", "classes", "image_size", "in_channels", "state_dict", "args")
-
-
-class FerError(Exception):
-    """A mistake in the user's input: printed as one line, exit status 2."""
-
-
-def log(*args):
-    """Print from one process only (rank 0 under torchrun), unbuffered."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, flush=True)
 
 
 # ----------------------------------------------------------------------------
@@ -310,352 +282,6 @@ def tta_views(x, mode):
     return crops + [c.flip(-1) for c in crops]
 
 
-# ----------------------------------------------------------------------------
-# Data: any public form of FER2013 -> the folders above (`prepare`)
-
-# fer2013.csv's emotion codes 0-6, by name; the image-folder copy uses the same names.
-FER2013_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
-# FER2013's three Usage values and the folder each goes to. PublicTest (the Kaggle
-# public leaderboard) goes to a folder that neither `train` nor `test` reads.
-USAGE_FOLDERS = {"Training": "train", "PrivateTest": "test", "PublicTest": "publictest"}
-CSV_NAMES = ("fer2013.csv", "icml_face_data.csv")  # Kaggle's and the ICML challenge's
-ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz")
-FACE_SIDE = 48
-# The fer5 split, face by face (file, SHA-256, fer2013.csv row): shipped beside fer.py.
-MANIFEST = Path(__file__).resolve().parent / "data" / "fer5_manifest.csv"
-
-
-# FER+'s ten vote columns (Barsoum et al. 2016, in the manifest as ferplus_<name>) and
-# the class folder each one means; "unknown" and "NF" (not a face) name no expression.
-FERPLUS_CLASSES = {"neutral": "neutral", "happiness": "happy", "surprise": "surprise", "sadness": "sad",
-                   "anger": "angry", "disgust": "disgust", "fear": "fear", "contempt": "contempt",
-                   "unknown": None, "NF": None}
-
-
-def ferplus_majority(row):
-    """(class, None) when more than half of a manifest row's FER+ votes chose one
-    expression, else (None, why). A plurality is not enough: FER+'s own "majority"
-    scheme keeps a label only when most of the ten annotators agree on it."""
-    try:
-        votes = {k: int(row.get(f"ferplus_{k}") or 0) for k in FERPLUS_CLASSES}
-    except ValueError:
-        raise FerError(f"the manifest's FER+ votes of {row.get('file')} are not whole numbers; "
-                       "use the shipped data/fer5_manifest.csv") from None
-    top = max(votes, key=votes.get)
-    if not any(votes.values()):
-        return None, "FER+ has no votes for it"
-    if 2 * votes[top] <= sum(votes.values()):
-        return None, "no expression has more than half of its FER+ votes"
-    if FERPLUS_CLASSES[top] is None:
-        return None, f"most FER+ votes say {'not a face' if top == 'NF' else 'unknown'}"
-    return FERPLUS_CLASSES[top], None
-
-
-def source_files(src):
-    """(name, read) of every file in a folder or archive: `name` is its path inside
-    SRC and `read()` returns its bytes."""
-    if src.is_dir():
-        return [(p.relative_to(src).as_posix(), safely(p.read_bytes, p, "the folder"))
-                for p in sorted(src.rglob("*")) if p.is_file()]
-    return archive_files(str(src), open(src, "rb"))
-
-
-# What a damaged or cut-off download raises, when opened or when a member is read.
-DAMAGED = (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error)
-
-
-def safely(read, member, source):
-    """`read`, with a damaged download's error turned into one line naming the member."""
-    def call():
-        try:
-            return read()
-        except DAMAGED as e:
-            raise FerError(f"cannot read {member} from {source} ({e or type(e).__name__}); the download "
-                           "is damaged or incomplete: download it again") from None
-    return call
-
-
-def archive_files(name, opened, nested=True):
-    """(name, read) of every file in a .zip or a .tar(.gz), read in place; an archive
-    inside (Kaggle's zip holds fer2013.tar.gz) is opened in memory, never unpacked."""
-    try:
-        if name.lower().endswith(".zip"):
-            z = zipfile.ZipFile(opened)
-            files = [(i.filename, safely(lambda i=i: z.read(i), i.filename, name)) for i in z.infolist() if not i.is_dir()]
-        else:
-            t = tarfile.open(fileobj=opened)  # any compression
-            files = [(m.name, safely(lambda m=m: t.extractfile(m).read(), m.name, name)) for m in t.getmembers() if m.isfile()]
-    except DAMAGED as e:
-        raise FerError(f"cannot read {name} ({e or type(e).__name__}); the download is damaged or "
-                       "incomplete: download it again") from None
-    inner = [(n, read) for n, read in files if n.lower().endswith(ARCHIVES)]
-    if nested and inner and not any(Path(n).name in CSV_NAMES or "/train/" in f"/{n}" for n, _ in files):
-        return [f for n, read in inner for f in archive_files(f"{name}:{n}", io.BytesIO(read()), nested=False)]
-    return files
-
-
-def fer2013_source(src):
-    """What SRC holds: ("csv", name, read) or ("images", files by (split, class, file))."""
-    if not src.exists():
-        raise FerError(f"{src} does not exist; give the downloaded fer2013.csv, icml_face_data.csv, "
-                       "the image-folder copy (train/<class>/, test/<class>/) or its .zip / .tar.gz")
-    if src.is_file() and src.suffix.lower() == ".csv":
-        return "csv", str(src), src.read_bytes
-    if src.is_file() and not src.name.lower().endswith(ARCHIVES):
-        raise FerError(f"{src} is neither a .csv nor a .zip / .tar.gz; give fer2013.csv, "
-                       "icml_face_data.csv, the image-folder copy or its download as it is")
-    files = source_files(src)
-    csvs = [(n, read) for n, read in files if Path(n).name in CSV_NAMES]
-    if csvs:
-        name, read = min(csvs, key=lambda f: CSV_NAMES.index(Path(f[0]).name))  # fer2013.csv first
-        return "csv", f"{src}:{name}", read
-    images = {}
-    for name, read in files:
-        *_, split, cls, file = ("", "", "") + tuple(name.split("/"))
-        if split in ("train", "test") and cls.lower() in FER2013_CLASSES and Path(file).suffix.lower() in IMG_EXTENSIONS:
-            images[split, cls.lower(), file] = (f"{src}:{name}" if src.is_file() else str(src / name), read)
-    if not {s for s, _, _ in images} >= {"train", "test"}:
-        raise FerError(f"{src} holds neither fer2013.csv / icml_face_data.csv nor the image-folder copy "
-                       f"(train/<class>/*.jpg and test/<class>/*.jpg, classes {', '.join(FER2013_CLASSES)})")
-    return "images", images
-
-
-def read_manifest(path):
-    """The manifest's rows: split, class, file, sha256, fer2013_row (and FER+ votes)."""
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise FerError(f"cannot read the fer5 manifest {path} ({e.strerror}); it ships with fer.py "
-                       "as data/fer5_manifest.csv: restore it (git checkout data/fer5_manifest.csv)") from None
-    need = {"split", "class", "file", "sha256", "fer2013_row"}
-    if not rows or not need <= set(rows[0]):
-        raise FerError(f"the fer5 manifest {path} lacks the columns {', '.join(sorted(need))}; "
-                       "restore it (git checkout data/fer5_manifest.csv)")
-    return rows
-
-
-def csv_faces(name, read):
-    """(row, folder, class, 48x48 pixels as bytes) of each data row of a FER2013 CSV,
-    checked as it is read: one bad row stops everything, with its number."""
-    text = io.TextIOWrapper(io.BytesIO(read()), encoding="utf-8", newline="")
-    reader = csv.reader(text)
-    header = [h.strip() for h in next(reader, [])]
-    if not header:
-        raise FerError(f"{name} is empty; download fer2013.csv (or icml_face_data.csv) again")
-    if not {"emotion", "pixels", "Usage"} <= set(header):
-        raise FerError(f"{name} has the columns {','.join(header)}, not emotion, pixels and Usage: "
-                       "give fer2013.csv or icml_face_data.csv (Kaggle's train.csv / test.csv lack Usage)")
-    e_col, p_col, u_col = (header.index(c) for c in ("emotion", "pixels", "Usage"))
-    fix = "the file is damaged or truncated: download it again"
-    for row, fields in enumerate(reader):
-        where = f"{name}, data row {row} (line {row + 2})"
-        if len(fields) != len(header):
-            raise FerError(f"{where} has {len(fields)} fields, not {len(header)}; {fix}")
-        emotion, usage = fields[e_col].strip(), fields[u_col].strip()
-        if emotion not in tuple("0123456"):
-            raise FerError(f"{where}: emotion {emotion!r} is not a code 0-6; {fix}")
-        if usage not in USAGE_FOLDERS:
-            raise FerError(f"{where}: Usage {usage!r} is none of {', '.join(USAGE_FOLDERS)}; {fix}")
-        try:
-            pixels = bytes(int(v) for v in fields[p_col].split())
-        except ValueError:
-            raise FerError(f"{where}: the pixels are not numbers 0-255; {fix}") from None
-        if len(pixels) != FACE_SIDE * FACE_SIDE:
-            raise FerError(f"{where} has {len(pixels)} pixels, not {FACE_SIDE}x{FACE_SIDE}; {fix}")
-        yield row, USAGE_FOLDERS[usage], FER2013_CLASSES[int(emotion)], pixels
-
-
-def write_face(path, data):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-
-
-def png(pixels):
-    """A 48x48 grayscale face as PNG bytes: lossless, so the pixels are the CSV's."""
-    buf = io.BytesIO()
-    Image.frombytes("L", (FACE_SIDE, FACE_SIDE), pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def prepare_from_csv(name, read, manifest, tmp):
-    """fer2013/<folder>/<class>/row_NNNNN.png for every row; fer5's faces by their row,
-    named after the manifest's file. Returns the manifest faces left out, and why."""
-    wanted = {int(m["fer2013_row"]): m for m in manifest if m["fer2013_row"]}
-    rows = 0
-    for rows, (row, folder, cls, pixels) in enumerate(csv_faces(name, read), 1):
-        data = png(pixels)
-        write_face(tmp / "fer2013" / folder / cls / f"row_{row:05d}.png", data)
-        m = wanted.pop(row, None)
-        if m is not None:
-            if (cls, folder) != (m["class"], m["split"]):
-                raise FerError(f"{name}, data row {row} is {cls} ({folder}) but the manifest's fer5 face "
-                               f"{m['file']} is {m['class']} ({m['split']}): this is not the original "
-                               "FER2013 CSV; download fer2013.csv again")
-            write_face(tmp / "fer5" / m["split"] / m["class"] / f"{Path(m['file']).stem}.png", data)
-    if wanted:
-        row, m = min(wanted.items())
-        raise FerError(f"{name} has {rows} data rows, so fer5's face {m['file']} (row {row}) is missing; "
-                       "the file is truncated: download it again")
-    unknown = sum(not m["fer2013_row"] for m in manifest)
-    return {"fer5 faces whose fer2013.csv row is unknown (the manifest leaves it empty)": unknown} if unknown else {}
-
-
-def prepare_from_images(images, manifest, tmp):
-    """Every face copied byte for byte; fer5's checked against the manifest's SHA-256."""
-    wanted = {(m["split"], m["class"], m["file"]): m for m in manifest}
-    for (split, cls, file), (name, read) in images.items():
-        data = read()
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise FerError(f"cannot read image {name} ({e}); the download is damaged: download it again") from None
-        test_folders = {u: f for u, f in USAGE_FOLDERS.items() if u != "Training"}
-        folder = "train" if split == "train" else test_folders.get(file.split("_")[0])
-        if folder is None:
-            raise FerError(f"{name}: cannot tell its FER2013 split (the image-folder copy names test faces "
-                           "PublicTest_* or PrivateTest_*, training faces Training_*); use that copy or the CSV")
-        write_face(tmp / "fer2013" / folder / cls / file, data)
-        m = wanted.pop((split, cls, file), None)
-        if m is not None:
-            if hashlib.sha256(data).hexdigest() != m["sha256"]:
-                raise FerError(f"{name} is fer5's face {m['file']} but its bytes differ from the manifest's "
-                               "(SHA-256); this is not the widely used copy: download it again, or use fer2013.csv")
-            write_face(tmp / "fer5" / m["split"] / cls / file, data)
-    if wanted:
-        (split, cls, file), _ = min(wanted.items())
-        raise FerError(f"fer5's face {split}/{cls}/{file} is not in the source ({len(wanted)} of the manifest's "
-                       f"{len(manifest)} missing); download the complete image-folder copy, or use fer2013.csv")
-    return {}
-
-
-def count_faces(root):
-    """{split: {class: number of files}} of a prepared folder, train first."""
-    order = list(USAGE_FOLDERS.values())
-    return {s.name: {c.name: sum(1 for _ in c.iterdir()) for c in sorted(s.iterdir())}
-            for s in sorted(root.iterdir(), key=lambda s: order.index(s.name))}
-
-
-# ----------------------------------------------------------------------------
-# Runtime: device, mixed precision, processes
-
-@dataclass
-class Runtime:
-    device: torch.device
-    amp_dtype: torch.dtype = None  # None: float32
-    channels_last: bool = False
-    rank: int = 0
-    world: int = 1
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def prepare(self, x):
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    @property
-    def precision(self):
-        """The name of what training computes in: the autocast dtype, or float32."""
-        return str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "float32"
-
-
-def pick_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FerError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise FerError("--device mps: Apple's MPS backend is not available; use --device cpu or auto")
-    return name
-
-
-def setup_runtime(args, distributed=False):
-    """Device, precision and, for `train` under torchrun, the process group."""
-    kind = pick_device(args.device)
-    world = int(os.environ.get("WORLD_SIZE", 1)) if distributed else 1
-    rank = int(os.environ.get("RANK", 0)) if distributed else 0
-    if kind == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-    else:
-        device = torch.device(kind)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
-    if kind == "cpu":
-        # Processes sharing a CPU split its cores instead of fighting over them
-        # (torchrun also sets OMP_NUM_THREADS; an explicit setting wins).
-        env_threads = int(os.environ.get("OMP_NUM_THREADS", 0) or 0)
-        torch.set_num_threads(args.threads or env_threads or max(1, (os.cpu_count() or 1) // world))
-    amp = args.amp if args.amp is not None else kind in ("cuda", "cpu")
-    amp_dtype = None
-    if amp:
-        if kind == "cuda":
-            # emulated bf16 (V100, T4) is slow: those get float16 with the grad scaler
-            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-        elif kind == "cpu" and cpu_has_bf16():
-            amp_dtype = torch.bfloat16
-        elif kind == "mps":
-            amp_dtype = torch.float16
-    channels_last = args.channels_last if args.channels_last is not None else kind in ("cuda", "cpu")
-    return Runtime(device, amp_dtype, channels_last, rank, world)
-
-
-# The CPU features that decide training speed, by their /proc/cpuinfo flag: float32
-# runs on AVX2 or AVX-512; bfloat16 is faster than float32 only with native bf16
-# instructions (AVX512-BF16, or AMX's tiles on recent Xeons), and far slower without.
-CPU_FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16"}
-
-
-def cpu_flags():
-    """The CPU's feature flags, from Linux's /proc/cpuinfo on x86; None where there are
-    none to read (other systems; ARM lists `Features` instead)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), None)
-    except OSError:
-        return None
-
-
-def cpu_has_bf16():
-    return bool({"avx512_bf16", "amx_bf16"} & (cpu_flags() or set()))
-
-
-def describe_precision(rt, args):
-    """The training precision and why it was chosen, and on a CPU the features that
-    decide it, for `bench`'s header."""
-    chosen = f"{rt.precision} autocast" if rt.amp_dtype else "float32"
-    if rt.device.type != "cpu":
-        return f"{chosen} ({'--no-amp' if args.amp is False else rt.device.type})"
-    if args.amp is False:
-        why = "--no-amp"
-    else:
-        why = "native bfloat16 instructions" if rt.amp_dtype else "no native bfloat16 instructions: it would be slower"
-    flags = cpu_flags()
-    features = ", ".join(f"{name} {'yes' if f in flags else 'no'}" for f, name in CPU_FEATURES.items()) \
-        if flags is not None else "CPU flags unknown (no /proc/cpuinfo)"
-    return f"{chosen} ({why}); {features}; PyTorch's CPU kernels: {torch.backends.cpu.get_cpu_capability()}"
-
-
-def describe_device(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return describe_cpu() if device.type == "cpu" else str(device)
-
-
-def describe_cpu():
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 # ----------------------------------------------------------------------------
@@ -709,8 +335,7 @@ def save_run(out, state, best, best_raw=None):
     rows = [",".join(columns)] + [",".join(f"{h[k]:.6g}" if isinstance(h[k], float) else str(h[k])
                                            for k in columns) for h in state["history"]]
     write_file(out / "history.csv", lambda f: f.write(("\n".join(rows) + "\n").encode()), option="--out")
-    picture = draw_curves(state["history"], state["best_epoch"])
-    write_file(out / "curves.png", lambda f: picture.save(f, format="PNG"), option="--out")
+    pictures.save_png(pictures.draw_curves(state["history"], state["best_epoch"]), out / "curves.png", "--out")
 
 
 def load_checkpoint(path):
@@ -789,10 +414,6 @@ class Member:
 def load_members(paths, rt):
     """The checkpoints of an ensemble and their networks; refused unless all have the
     same classes in the same order, as averaging their probabilities needs."""
-    pictures = [p for p in paths if Path(p).suffix.lower() in IMG_EXTENSIONS]
-    if pictures:  # `predict a.jpg --checkpoint m.pt b.jpg`: --checkpoint took b.jpg
-        raise FerError(f"--checkpoint got the image {pictures[0]}; it takes every path after it, so give "
-                       "the images first: fer.py predict faces/ --checkpoint a.pt b.pt")
     ckpts = [load_checkpoint(p) for p in paths]
     for path, ckpt in zip(paths[1:], ckpts[1:]):
         if list(ckpt["classes"]) != list(ckpts[0]["classes"]):
@@ -838,35 +459,6 @@ def mixup(x, y, alpha):
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
     perm = torch.randperm(len(x), device=x.device)
     return lam * x + (1 - lam) * x[perm], y[perm], lam
-
-
-class Progress:
-    """One line inside the epoch (step, images/s, running loss, time left), rewritten
-    in place with a carriage return; only on a terminal, so logs and CI get none."""
-
-    def __init__(self, steps, batch_size, stream=None):
-        self.stream = stream or sys.stdout
-        self.on = self.stream.isatty() and (not dist.is_initialized() or dist.get_rank() == 0)
-        self.steps, self.batch_size = steps, batch_size
-        self.t0 = self.shown = time.time()
-        self.width = 0
-
-    def update(self, step, mean_loss):
-        now = time.time()
-        if not self.on or (now - self.shown < 0.2 and step < self.steps):  # a few redraws a second
-            return
-        elapsed, self.shown = now - self.t0, now
-        text = (f"  step {step}/{self.steps}  {step * self.batch_size / elapsed:6.0f} img/s  "
-                f"loss {mean_loss:.4f}  {elapsed / step * (self.steps - step):4.0f} s left in the epoch")
-        self.width = max(self.width, len(text))
-        self.stream.write("\r" + text.ljust(self.width))
-        self.stream.flush()
-
-    def close(self):
-        """Blank the line, so the epoch's own line is printed on a clean one."""
-        if self.on and self.width:
-            self.stream.write("\r" + " " * self.width + "\r")
-            self.stream.flush()
 
 
 def train_one_epoch(model, batches, steps, optimizer, scheduler, scaler, criterion, rt, epoch, alpha=0.0,
@@ -1037,46 +629,7 @@ def class_weights(labels, num_classes):
 
 
 # ----------------------------------------------------------------------------
-# Commands: prepare, train, validate, test
-
-def cmd_prepare(args):
-    """FER2013 as downloaded -> OUT/fer5 (the report's split, face by face as the
-    manifest says) and OUT/fer2013 (all seven classes), written into a temporary
-    folder and moved into place only once complete."""
-    src, out = Path(args.src), Path(args.out)
-    manifest = read_manifest(args.manifest)
-    for d in ("fer5", "fer2013"):
-        if (out / d).exists():
-            raise FerError(f"{out / d} already exists; prepare writes new fer5/ and fer2013/ folders: "
-                           f"choose another --out, or delete {out / d} to prepare it again")
-    t0 = time.time()
-    source = fer2013_source(src)
-    make_folder(out, "--out")
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
-    except OSError as e:
-        raise FerError(f"cannot write into --out folder {out} ({e.strerror}); choose another --out") from None
-    try:
-        if source[0] == "csv":
-            skipped = prepare_from_csv(source[1], source[2], manifest, tmp)
-        else:
-            skipped = prepare_from_images(source[1], manifest, tmp)
-        counts = {d: count_faces(tmp / d) for d in ("fer2013", "fer5")}
-        for d in counts:  # fer5 last: once it is there, both are complete
-            os.replace(tmp / d, out / d)
-    except OSError as e:
-        raise FerError(f"cannot write into {out} ({e.strerror}); free disk space or choose another --out") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log(f"prepared {src} ({'CSV' if source[0] == 'csv' else 'image folders'}) in {time.time() - t0:.0f} s:")
-    for d in ("fer5", "fer2013"):
-        for split, per_class in counts[d].items():
-            log(f"  {str(out / d / split) + ':':<{len(str(out)) + 20}} {sum(per_class.values()):6,d} faces  "
-                + "  ".join(f"{c} {n:,d}" for c, n in per_class.items()))
-    if "publictest" in counts["fer2013"]:
-        log(f"  {out / 'fer2013' / 'publictest'} holds FER2013's PublicTest faces; no command reads it by default")
-    for why, n in skipped.items():
-        log(f"  left out: {n} {why}")
+# Commands: train, validate, test, export
 
 
 TRAIN_OPTIONS = ("model", "recipe", "epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay",
@@ -1422,83 +975,6 @@ def results_dict(members, classes, m, cm, tta, member_cms):
                          for member, c in zip(members, member_cms)])
 
 
-def write_json(path, obj):
-    if path:
-        write_file(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
-def write_file(path, write, what="", option="path"):
-    """`write(f)` into a temporary file renamed over `path`, so a full disk or an
-    interrupt leaves an earlier `path` intact. Through a Python file, so a full disk
-    raises OSError(ENOSPC) rather than torch's zip-writer RuntimeError; fsync before
-    the rename, so the new file is complete on disk."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
-        raise FerError(f"cannot write {what}{path} ({reason}); free disk space or choose another {option}") from None
-    finally:
-        with suppress(OSError):  # e.g. its folder is gone or is a file: then there is no tmp
-            tmp.unlink(missing_ok=True)
-
-
-def make_folder(path, option):
-    """mkdir -p, with a one-line error naming the option that chose the folder."""
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        reason = "a file has that name" if isinstance(e, FileExistsError) else e.strerror
-        raise FerError(f"cannot create {option} folder {path} ({reason}); choose another {option}") from None
-
-
-def ferplus_rescore(faces, probs, manifest):
-    """`test --labels ferplus`: the faces the manifest gives a clear FER+ majority of
-    the checkpoint's classes, relabelled with it, and their probabilities. Logs the
-    faces left out and why, and how many of the model's mistakes against FER2013's
-    labels are faces where the crowd chose the model's answer. Returns the relabelled
-    faces, the mask of the kept ones and the figures for the JSON."""
-    # By FER2013's label and file name without extension (`prepare` writes PNGs from a CSV)
-    rows = {(m["class"], Path(m["file"]).stem): m for m in read_manifest(manifest)}
-    if "ferplus_neutral" not in next(iter(rows.values())):
-        raise FerError(f"the manifest {manifest} has no FER+ votes (ferplus_* columns); "
-                       "use the shipped data/fer5_manifest.csv")
-    labels, left_out = torch.full_like(faces.labels, -1), {}
-    for i, f in enumerate(faces.files):
-        row = rows.get((faces.classes[faces.labels[i]], Path(f).stem))
-        label, why = ferplus_majority(row) if row else (None, "not in the manifest")
-        if label is not None and label not in faces.classes:
-            label, why = None, "the FER+ majority is a class the checkpoint lacks"
-        if label is None:
-            left_out[why] = left_out.get(why, 0) + 1
-        else:
-            labels[i] = faces.classes.index(label)
-    keep = labels >= 0
-    if not keep.any():
-        raise FerError(f"none of the {len(labels)} test faces has a clear FER+ majority in {manifest} "
-                       "(faces are matched by class and file name); --labels ferplus needs fer5's or FER2013's test faces")
-    pred = probs.argmax(1)
-    wrong = pred != faces.labels
-    sided = int((wrong & (pred == labels)).sum())
-    fer2013_accuracy = float((~wrong[keep]).float().mean())  # on the same faces, for comparison
-    log(f"labels: the FER+ majority, for {int(keep.sum())} of {len(labels)} faces; left out: "
-        + ("; ".join(f"{n} ({why})" for why, n in left_out.items()) or "none"))
-    log(f"against FER2013's labels: accuracy {fer2013_accuracy:.4f} on these {int(keep.sum())} faces; "
-        f"{int(wrong.sum())} mistakes on all {len(labels)}, on {sided} of which the FER+ majority chose "
-        "the model's answer")
-    extra = dict(labels="ferplus", faces_scored=int(keep.sum()), left_out=left_out,
-                 fer2013_accuracy_on_scored=fer2013_accuracy, fer2013_label_mistakes=int(wrong.sum()),
-                 mistakes_where_ferplus_agrees_with_model=sided)
-    scored = replace(faces, images=faces.images[keep], labels=labels[keep],
-                     files=[f for f, k in zip(faces.files, keep) if k])
-    return scored, keep, extra
-
-
 def cmd_test(args):
     """The full metrics report on DIR/test: the only command that reads it."""
     rt, members = evaluation_setup(args)
@@ -1510,7 +986,7 @@ def cmd_test(args):
     log(f"{describe(members)} on {test_dir}: {len(faces.labels)} images, tta {args.tta}")
     extra = dict(labels="fer2013")
     if args.labels == "ferplus":
-        faces, keep, extra = ferplus_rescore(faces, probs, args.manifest)
+        faces, keep, extra = ferplus.rescore(faces, probs, args.manifest)
         probs, each = probs[keep], [p[keep] for p in each]
     cm, member_cms = confusions(faces.labels, probs, each, len(faces.classes))
     m = metrics.classification_metrics(cm)
@@ -1521,397 +997,12 @@ def cmd_test(args):
         save_dir = Path(args.save_dir)
         make_folder(save_dir, "--save-dir")
         write_json(save_dir / "metrics.json", results)
-        picture = draw_confusion_matrix(cm, faces.classes)
-        write_file(save_dir / "confusion_matrix.png", lambda f: picture.save(f, format="PNG"))
-        picture = draw_mistakes(faces, probs, args.mistakes)
-        write_file(save_dir / "mistakes.png", lambda f: picture.save(f, format="PNG"))
+        pictures.save_png(pictures.draw_confusion_matrix(cm, faces.classes), save_dir / "confusion_matrix.png")
+        pictures.save_png(pictures.draw_mistakes(faces, probs, args.mistakes), save_dir / "mistakes.png")
         log(f"wrote {save_dir}/metrics.json, confusion_matrix.png and mistakes.png")
     return m
 
 
-# ----------------------------------------------------------------------------
-# Using a trained model: predict, pictures, export
-
-def find_images(paths):
-    """Image files of PATHs in order, each once; folders searched recursively."""
-    files = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            # Hidden entries (.ipynb_checkpoints/, macOS ._face.jpg) are not faces.
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            if not found:
-                raise FerError(f"folder {p} has no images ({' '.join(IMG_EXTENSIONS)})")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FerError(f"{p} does not exist; give image files or folders of images")
-    return list(dict.fromkeys(files))  # a file given twice (or inside a given folder too) is one row
-
-
-# Faces in photos: an optional extra, so that the core needs torch and torchvision only.
-# OpenCV 4.x ships its Haar face cascades inside the wheel, so nothing is downloaded at
-# run time (5.0 no longer ships them, and its FaceDetectorYN needs a model file that is
-# not in the wheel). Of its four frontal-face cascades, alt found as many fer5 faces
-# pasted into photos as the best (default, alt2) with about a third fewer false boxes
-# (RESULTS.md, Faces in photos).
-DETECTOR_INSTALL = 'pip install "opencv-python-headless<5"'
-CASCADE = "haarcascade_frontalface_alt.xml"
-# FER2013's crops are a little wider than the box alt finds on them: on fer5 faces
-# pasted into photos at 160 px, the crop's side was a median 1.05 times the box's.
-FACE_MARGIN = 1.05
-# A picture is taken for a face crop (and classified whole) when it is no longer than
-# this on its longer side and no further from square than this ratio of its sides.
-CROP_MAX_SIDE, CROP_MAX_ASPECT = 256, 1.5
-
-
-def note(message):
-    """A remark on predict's input: on stderr, so stdout keeps only the table."""
-    print(f"note: {message}", file=sys.stderr, flush=True)
-
-
-def face_detector(detect):
-    """OpenCV's frontal-face cascade, or None to classify whole pictures: with
-    --no-detect, or without OpenCV when --detect was not asked for."""
-    if detect is False:
-        return None
-    try:
-        import cv2  # the optional extra: imported here only, so fer.py runs without it
-        path = os.path.join(cv2.data.haarcascades, CASCADE)
-    except (ImportError, AttributeError):  # AttributeError: an OpenCV without its cascades
-        path = None
-    cascade = cv2.CascadeClassifier(path) if path and os.path.isfile(path) else None
-    if cascade is None or cascade.empty():  # no OpenCV, or 5.x, which dropped the cascades
-        if detect:
-            raise FerError(f"--detect needs the face cascades of OpenCV 4, which are not installed; "
-                           f"{DETECTOR_INSTALL}, or leave out --detect to classify whole pictures")
-        return None
-    return cascade
-
-
-def find_faces(cascade, photo):
-    """Boxes (left, top, width, height) of the frontal faces in a PIL photo."""
-    import numpy as np  # comes with OpenCV, which takes arrays
-    gray = np.asarray(photo.convert("L"))
-    # minSize: a face under 32 px holds too little for networks trained on 48 px faces
-    boxes = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(32, 32))
-    return sorted(tuple(int(v) for v in box) for box in boxes)  # left to right
-
-
-def crop_face(photo, box, size, in_channels):
-    """The face cut out as FER2013's faces were: a square FACE_MARGIN times the box
-    around its centre (black beyond the photo's edge), grayscale, resized."""
-    x, y, w, h = box
-    cx, cy, half = x + w / 2, y + h / 2, FACE_MARGIN * max(w, h) / 2
-    square = photo.crop(tuple(round(v) for v in (cx - half, cy - half, cx + half, cy + half)))
-    return image_transform(size)(square.convert("L").convert("RGB" if in_channels == 3 else "L"))
-
-
-def looks_cropped(size):
-    """Whether a picture of `size` (width, height) passes for a face crop."""
-    w, h = size
-    return max(w, h) <= CROP_MAX_SIDE and max(w, h) <= CROP_MAX_ASPECT * min(w, h)
-
-
-def faces_to_classify(path, cascade, detect):
-    """The picture at `path` and the boxes predict classifies in it: each face the
-    detector finds, or [None], the whole picture, when detection is off or, without
-    --detect, when the picture looks like a face crop (then the picture is not opened)."""
-    with Image.open(path) as img:  # reads the header only
-        w, h = img.size
-    search = not looks_cropped((w, h)) if detect is None else detect
-    if not search or cascade is None:  # (--detect without OpenCV stopped in face_detector)
-        if search:
-            note(f"{path} is {w}x{h}, not a face crop: the network expects a cropped face, as in FER2013; "
-                 f"{DETECTOR_INSTALL} to find the faces first")
-        return None, [None]
-    photo = open_image(path, 3)
-    return photo, find_faces(cascade, photo)
-
-
-def face_image(path, photo, box, size, in_channels):
-    """One face (or the whole picture, box None) decoded for one input of the members."""
-    return read_image(path, size, in_channels) if box is None else crop_face(photo, box, size, in_channels)
-
-
-def read_faces(files, cascade, detect, inputs):
-    """(file, box) of every face predict classifies, and their images decoded for each
-    input of the members: {(size, channels): N x C x S x S uint8}."""
-    faces, images = [], {key: [] for key in inputs}
-    for f in files:
-        try:
-            photo, boxes = faces_to_classify(f, cascade, detect)
-            for key in images:
-                images[key] += [face_image(f, photo, box, *key) for box in boxes]
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise FerError(f"cannot read image {f} ({e}); remove it or give only image files") from None
-        faces += [(f, box) for box in boxes]
-    check_faces_found(files, faces)
-    return faces, {key: torch.stack(v) for key, v in images.items()}
-
-
-def check_faces_found(files, faces):
-    """Say which pictures had no face; refuse to go on when none had one."""
-    found = {f for f, _ in faces}
-    faceless = [f for f in files if f not in found]
-    hint = "give photos of frontal faces, or pass --no-detect to classify whole pictures"
-    if not faces:
-        where = faceless[0] if len(faceless) == 1 else f"any of the {len(faceless)} pictures"
-        raise FerError(f"no face found in {where}; {hint}")
-    for f in faceless:
-        note(f"no face found in {f}, so it is not classified; {hint}")
-
-
-def box_text(box):
-    return ",".join(map(str, box)) if box else "-"
-
-
-def prediction_rows(faces, probs, classes, top):
-    """predict's result per face: file, box, top class, the `top` best and every class."""
-    results = []
-    for (f, box), p in zip(faces, probs):
-        best = p.topk(min(top, len(classes)))
-        results.append(dict(file=str(f), box=box, prediction=classes[best.indices[0]],
-                            top=[dict(label=classes[i], probability=round(float(v), 4))
-                                 for v, i in zip(best.values, best.indices)],
-                            probabilities={c: round(float(v), 4) for c, v in zip(classes, p)}))
-    return results
-
-
-def log_prediction_table(results, classes):
-    """One row per face: file, (with detection) its box, predicted class, probabilities."""
-    # After the file, with detection, the face's box (- for a picture classified whole).
-    heads = ("file", "box") if any(r["box"] for r in results) else ("file",)
-    lead = [(r["file"], box_text(r["box"]))[:len(heads)] for r in results]
-    lead_w = [max(len(h), *(len(cells[i]) for cells in lead)) for i, h in enumerate(heads)]
-    col_w = max(8, *(len(c) for c in classes))
-    pred_w = max(len("predicted"), col_w)  # "predicted" is 9 wide: a col_w of 8 set rows off by one
-    log("  ".join(f"{h:<{w}}" for h, w in zip(heads, lead_w)) + f"  {'predicted':<{pred_w}}  "
-        + "  ".join(f"{c:>{col_w}}" for c in classes))
-    for r, cells in zip(results, lead):
-        log("  ".join(f"{c:<{w}}" for c, w in zip(cells, lead_w)) + f"  {r['prediction']:<{pred_w}}  "
-            + "  ".join(f"{r['probabilities'][c]:>{col_w}.3f}" for c in classes))
-
-
-def cmd_predict(args):
-    """Class probabilities of each image file (or each image in a folder), or of each
-    face found in it (face_detector)."""
-    if not args.paths:  # `predict --checkpoint a.pt face.jpg` took face.jpg for a checkpoint
-        raise FerError("no image files or folders given; give them before --checkpoint, which takes every "
-                       "path after it: fer.py predict faces/ --checkpoint a.pt b.pt")
-    files = find_images(args.paths)  # a wrong path fails before the model loads
-    cascade = face_detector(args.detect)  # and so does --detect without OpenCV
-    rt, members = evaluation_setup(args)
-    classes = members[0].ckpt["classes"]
-    faces, images = read_faces(files, cascade, args.detect, member_inputs(members))
-    probs, _ = ensemble_probs(members, images, rt, args.batch_size, args.tta)
-    results = prediction_rows(faces, probs, classes, args.top)
-    log_prediction_table(results, classes)
-    write_json(args.json, dict(arch=ensemble_arch(members), tta=args.tta, classes=classes,
-                               members=[member_dict(m) for m in members], predictions=results))
-    if args.save_dir:
-        make_folder(args.save_dir, "--save-dir")
-        picture = draw_predictions(images[members[0].input], results, classes)
-        write_file(Path(args.save_dir) / "predictions.png", lambda f: picture.save(f, format="PNG"))
-        log(f"wrote {Path(args.save_dir) / 'predictions.png'}")
-        save_photos(args.save_dir, results)
-    return results
-
-
-def load_font(size):
-    try:
-        return ImageFont.load_default(size=size)  # Pillow >= 10.1: scalable
-    except TypeError:
-        return ImageFont.load_default()  # older Pillow: its small bitmap font
-
-
-def draw_confusion_matrix(cm, classes, cell=80, font_size=16):
-    """Counts in cells coloured by the row-normalised rate (recall on the diagonal).
-
-    The size follows from the arguments, not from font metrics, so it is the same
-    on every machine: a name is given 0.6 font_size a character (more than lowercase
-    needs) and cells are at least that wide, so column names never overlap.
-    """
-    n, pad, line = len(classes), 12, round(1.5 * font_size)
-    name_w = math.ceil(0.6 * font_size * max(len("true"), *map(len, classes)))
-    cell = max(cell, name_w + 8)  # column names never overlap
-    left, top = pad + name_w + pad, pad + 2 * line
-    note = "colour and %: share of the true class (row)"
-    width = max(left + n * cell, pad + math.ceil(0.6 * round(0.8 * font_size) * len(note))) + pad
-    img = Image.new("RGB", (width, top + n * cell + line + pad), "white")
-    d = ImageDraw.Draw(img)
-    text, big, small = load_font(font_size), load_font(round(1.25 * font_size)), load_font(round(0.8 * font_size))
-
-    def centred(x, y, s, f, fill="black"):
-        d.text((x - d.textlength(s, font=f) / 2, y), s, font=f, fill=fill)
-
-    rates = cm.float() / cm.sum(1, keepdim=True).clamp(min=1)
-    centred(left + n * cell / 2, pad, "predicted", text, "dimgray")
-    d.text((pad, top - line), "true", font=text, fill="dimgray")
-    for i, name in enumerate(classes):
-        centred(left + (i + 0.5) * cell, top - line, name, text)
-        d.text((pad, top + i * cell + (cell - font_size) / 2), name, font=text, fill="black")
-        for j in range(n):
-            r = float(rates[i, j])
-            x, y = left + j * cell, top + i * cell
-            d.rectangle((x, y, x + cell, y + cell), fill=(int(255 - 215 * r), int(255 - 155 * r), 255),
-                        outline="darkgray")
-            ink = "white" if r > 0.5 else "black" if cm[i, j] else "darkgray"
-            centred(x + cell / 2, y + cell / 2 - 1.3 * font_size, str(int(cm[i, j])), big, ink)
-            centred(x + cell / 2, y + cell / 2 + 0.2 * font_size, f"{r:.0%}", small, ink)
-    d.text((pad, top + n * cell + line / 3), note, font=small, fill="dimgray")
-    return img
-
-
-def draw_curves(history, best_epoch, width=960, height=360, font_size=14):
-    """Training loss (left) and validation accuracy and Macro-F1 (right; with --ema the
-    averaged weights' Macro-F1 too) by epoch, the kept epoch (best validation Macro-F1)
-    marked by a grey line in both."""
-    epochs = [h["epoch"] for h in history]
-    panels = [("training loss", [("loss", [h["loss"] for h in history], "firebrick")]),
-              ("validation", [("accuracy", [h["val_accuracy"] for h in history], "steelblue"),
-                              ("Macro-F1", [h["val_macro_f1"] for h in history], "darkorange")])]
-    if "ema_val_macro_f1" in history[0]:
-        panels[1][1].append(("EMA Macro-F1", [h["ema_val_macro_f1"] for h in history], "seagreen"))
-    if "test_macro_f1" in history[0]:  # --watch-test: a panel of its own, apart from what chooses
-        panels.append(("test (watched, never used)", [("accuracy", [h["test_accuracy"] for h in history], "steelblue"),
-                                                      ("Macro-F1", [h["test_macro_f1"] for h in history], "darkorange")]))
-    width = width * len(panels) // 2
-    img = Image.new("RGB", (width, height), "white")
-    d, font = ImageDraw.Draw(img), load_font(font_size)
-    for k, (title, series) in enumerate(panels):
-        plot_panel(d, (k * width // len(panels), 0, (k + 1) * width // len(panels), height), epochs, series,
-                   best_epoch, title, font)
-    return img
-
-
-def plot_panel(d, box, xs, series, mark, title, font):
-    """Lines of `series` [(name, ys, colour)] against xs in `box`, with ticks on both
-    axes, a legend, and a vertical line at x = mark."""
-    x0, y0, x1, y1 = box
-    left, right, top, bottom = x0 + 62, x1 - 18, y0 + 34, y1 - 44
-    values = [v for _, ys, _ in series for v in ys]
-    lo, hi = min(values), max(values)
-    pad = (hi - lo) * 0.08 or 0.05  # a flat line sits mid-panel
-    lo, hi = lo - pad, hi + pad
-    span = max(xs[-1] - xs[0], 1)
-    px = lambda x: left + (x - xs[0]) / span * (right - left) if len(xs) > 1 else (left + right) / 2  # noqa: E731
-    py = lambda v: bottom - (v - lo) / (hi - lo) * (bottom - top)  # noqa: E731
-    d.text((left, y0 + 8), title, font=font, fill="black")
-    d.rectangle((left, top, right, bottom), outline="gray")
-    for i in range(5):  # y ticks
-        v = lo + (hi - lo) * i / 4
-        d.line((left - 4, py(v), left, py(v)), fill="gray")
-        d.text((x0 + 8, py(v) - 7), f"{v:.3f}", font=font, fill="dimgray")
-    step = max(1, math.ceil(span / 8))
-    for x in range(xs[0], xs[-1] + 1, step):  # x ticks
-        d.line((px(x), bottom, px(x), bottom + 4), fill="gray")
-        d.text((px(x) - 6, bottom + 6), str(x), font=font, fill="dimgray")
-    d.text(((left + right) / 2 - 18, bottom + 24), "epoch", font=font, fill="dimgray")
-    if mark in xs:
-        d.line((px(mark), top, px(mark), bottom), fill="darkgray", width=1)
-        d.text((px(mark) + 4, bottom - 20), f"kept: epoch {mark}", font=font, fill="dimgray")
-    for j, (name, ys, colour) in enumerate(series):
-        points = [(px(x), py(y)) for x, y in zip(xs, ys)]
-        if len(points) > 1:
-            d.line(points, fill=colour, width=2)
-        for x, y in points[-1:] if len(points) > 1 else points:
-            d.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
-        lx = right - 110 * (len(series) - j)  # the legend, in the title's row
-        d.line((lx, y0 + 16, lx + 20, y0 + 16), fill=colour, width=3)
-        d.text((lx + 26, y0 + 8), name, font=font, fill="black")
-
-
-def draw_mistakes(faces, probs, limit, tile=128, font_size=14):
-    """A grid of misclassified images, the most confident mistakes first, each
-    captioned with its true class and, in red, the predicted class and confidence.
-
-    Size, from the arguments alone: 4 to 8 columns of tile + gap (8 px) plus a gap
-    wide; a header line, then rows of tile + 2 caption lines + gap, lines being
-    1.3 font_size high.
-    """
-    font = load_font(font_size)
-    conf, pred = probs.max(1)
-    wrong = (pred != faces.labels).nonzero().flatten()
-    shown = wrong[conf[wrong].argsort(descending=True)][:limit]
-    cols = min(8, max(4, len(shown)))  # at least 4, so the header fits
-    rows = max(1, math.ceil(len(shown) / cols))
-    gap, line = 8, round(1.3 * font_size)
-    top, row_h = gap + line, tile + 2 * line + gap
-    img = Image.new("RGB", (gap + cols * (tile + gap), top + gap + rows * row_h), "white")
-    d = ImageDraw.Draw(img)
-    d.text((gap, gap // 2), f"{len(shown)} of {len(wrong)} mistakes in {len(probs)} images, most confident first"
-           if len(wrong) else f"no mistakes in {len(probs)} images", font=font, fill="black")
-    for k, i in enumerate(shown.tolist()):
-        x, y = gap + (k % cols) * (tile + gap), top + gap + (k // cols) * row_h
-        face = T.functional.to_pil_image(faces.images[i]).convert("RGB")
-        img.paste(face.resize((tile, tile), Image.BICUBIC), (x, y))
-        d.rectangle((x - 1, y - 1, x + tile, y + tile), outline="darkgray")  # white faces on white
-        d.text((x, y + tile + 2), f"true: {faces.classes[faces.labels[i]][:10]}", font=font, fill="black")
-        d.text((x, y + tile + 2 + line), f"pred: {faces.classes[pred[i]][:10]} {float(conf[i]):.0%}",
-               font=font, fill="firebrick")
-    return img
-
-
-def draw_predictions(images, results, classes, tile=112, font_size=13):
-    """One card per image: the face as the network saw it, its file name, and a bar
-    per class, the predicted one in red. The size follows from the arguments alone
-    (0.6 font_size a character for the class names), as in draw_confusion_matrix."""
-    font = load_font(font_size)
-    line, gap = round(1.4 * font_size), 10
-    name_w = math.ceil(0.6 * font_size * max(map(len, classes)))
-    card_w, card_h = tile + gap + name_w + 120, max(tile, line * (len(classes) + 1))
-    cols = min(len(results), 3)
-    rows = math.ceil(len(results) / cols)
-    img = Image.new("RGB", (gap + cols * (card_w + gap), gap + rows * (card_h + gap)), "white")
-    d = ImageDraw.Draw(img)
-    for k, (face, r) in enumerate(zip(images, results)):
-        x, y = gap + (k % cols) * (card_w + gap), gap + (k // cols) * (card_h + gap)
-        img.paste(T.functional.to_pil_image(face).convert("RGB").resize((tile, tile), Image.BICUBIC), (x, y))
-        d.rectangle((x - 1, y - 1, x + tile, y + tile), outline="darkgray")
-        bx = x + tile + gap
-        d.text((bx, y), Path(r["file"]).name[:24], font=font, fill="black")
-        for i, c in enumerate(classes):
-            p, by = r["probabilities"][c], y + (i + 1) * line
-            ink = "firebrick" if c == r["prediction"] else "steelblue"
-            d.text((bx, by), c, font=font, fill=ink if c == r["prediction"] else "black")
-            d.rectangle((bx + name_w + 4, by + 2, bx + name_w + 4 + round(80 * p), by + line - 4), fill=ink)
-            d.text((bx + name_w + 88, by), f"{p:.0%}", font=font, fill="dimgray")
-    return img
-
-
-def draw_faces(photo, results):
-    """The photo with each face's box and, on a band above it, its predicted class
-    and probability. Lines and letters grow with the photo, so both stay legible."""
-    img = photo.copy()
-    d = ImageDraw.Draw(img)
-    font = load_font(max(12, round(min(img.size) / 32)))
-    width, pad = max(2, round(min(img.size) / 300)), 3
-    for r in results:
-        x, y, w, h = r["box"]
-        d.rectangle((x, y, x + w - 1, y + h - 1), outline="firebrick", width=width)
-        text = f"{r['prediction']} {r['probabilities'][r['prediction']]:.0%}"
-        _, _, tw, th = d.textbbox((0, 0), text, font=font)
-        tx = max(0, min(x, img.width - tw - 2 * pad))  # whole, for a face at the photo's right edge
-        ty = y - th - 2 * pad if y >= th + 2 * pad else y + width  # inside the box at the photo's top
-        d.rectangle((tx, ty, tx + tw + 2 * pad, ty + th + 2 * pad), fill="firebrick")
-        d.text((tx + pad, ty + pad), text, font=font, fill="white")
-    return img
-
-
-def save_photos(save_dir, results):
-    """DIR/<name>_faces.png: each photo in which faces were found, annotated by draw_faces."""
-    written = set()
-    for f in dict.fromkeys(r["file"] for r in results if r["box"]):
-        name, n = f"{Path(f).stem}_faces.png", 1
-        while name.casefold() in written:  # a/x.jpg, b/x.jpg, x_2.jpg: x_faces, x_2_faces, x_2_2_faces
-            n += 1
-            name = f"{Path(f).stem}_{n}_faces.png"
-        written.add(name.casefold())  # X.jpg and x.jpg: one file on case-insensitive disks
-        picture = draw_faces(open_image(f, 3), [r for r in results if r["file"] == f])
-        write_file(Path(save_dir) / name, lambda out: picture.save(out, format="PNG"))
-        log(f"wrote {Path(save_dir) / name}")
 
 
 def cmd_export(args):
@@ -1926,152 +1017,7 @@ def cmd_export(args):
 
 
 # ----------------------------------------------------------------------------
-# Benchmark: the report's pipeline against ours
-
-def bench_train(model, batches, steps, rt, recipe):
-    """Training images/s over `steps` steps, after one warm-up step, with the network's
-    optimiser (for AlexNet and VGG11 Adam's update is a large share of a step)."""
-    optimizer = make_optimizer(model, recipe["optimizer"], recipe["lr"], recipe["weight_decay"])
-    criterion = nn.CrossEntropyLoss()
-    model.train()
-    tic, done = None, 0
-    for step, (x, y) in enumerate(batches):
-        with rt.autocast():
-            loss = compute_loss(model(rt.prepare(x)), y, criterion)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if rt.device.type == "cuda" and step in (0, steps):
-            torch.cuda.synchronize()  # kernels run asynchronously: wait before reading the clock
-        if step == 0:
-            tic = time.time()  # the first step pays for allocation and kernel choice
-        else:
-            done += len(y)
-        if step == steps:
-            break
-    return done / (time.time() - tic)
-
-
-def bench_infer(model, faces, rt, batch_size):
-    n = min(len(faces.labels), batch_size * 4)
-    predict_probs(model, faces.images[:batch_size], rt, batch_size)  # warm-up
-    tic = time.time()
-    predict_probs(model, faces.images[:n], rt, batch_size)
-    return n / (time.time() - tic)
-
-
-def peak_memory(rt):
-    """What the peak memory column measures on this device, and its value in MiB."""
-    if rt.device.type == "cuda":
-        return "GPU memory", torch.cuda.max_memory_allocated(rt.device) / 2**20
-    import resource  # not on Windows
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return "RSS", peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-
-
-def cmd_bench(args):
-    """Training and inference throughput of the report's pipeline and of ours."""
-    args.model = args.model or "resnet34"
-    recipe = {**TRAIN_DEFAULTS, **OURS[args.model]}  # what `train` runs by default
-    size = args.image_size or recipe["image_size"]
-    batch = args.batch_size or recipe["batch_size"]
-    check_image_size(args.model, size)
-    check_image_size(args.model, args.report_size, "--report-size")
-    n_images = batch * (args.steps + 1)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.data) / "train" if args.data else write_fake_folder(Path(tmp), 2, n_images)
-        ours = setup_runtime(args)
-        plain = Runtime(ours.device)  # float32, default memory layout
-        log(f"bench {args.model}, batch {batch}, {args.steps} timed steps after one warm-up "
-            f"(precision and layout are training's; inference on a CPU runs in float32), on "
-            f"{describe_device(ours.device)}\ntraining precision: {describe_precision(ours, args)}")
-        # At the training size, every precision x layout pair, so each speed-up shows on its own;
-        # the last row is ours as `train` runs it (optionally compiled).
-        pairs = dict.fromkeys((amp, cl) for amp in (None, ours.amp_dtype) for cl in (False, ours.channels_last))
-        configs = [("report: PIL per image", plain, "pil", args.report_size, False),
-                   ("ours: in-memory tensors", ours, "tensor", args.report_size, False)]
-        configs += [("ours: in-memory tensors", replace(ours, amp_dtype=amp, channels_last=cl), "tensor", size, False)
-                    for amp, cl in pairs]
-        if args.compile:
-            configs.append(("ours + torch.compile", ours, "tensor", size, True))
-        augmentation = {k: recipe[k] for k in ("crop_scale", "rotation", "erasing")}
-        rows = []
-        for label, rt, pipeline, s, compiled in configs:
-            faces = load_faces(root, s, args.in_channels, skip_bad=True, limit=n_images)
-            opts = argparse.Namespace(**augmentation, image_size=s, in_channels=args.in_channels, workers=args.workers)
-            torch.manual_seed(0)
-            model = build_model(args.model, len(faces.classes), args.in_channels, s, rt)
-            if compiled:  # the warm-up step pays for compilation
-                model = torch.compile(model)
-            idx = torch.arange(len(faces.labels)).repeat(math.ceil(n_images / len(faces.labels)))
-            batches = (pil_batches if pipeline == "pil" else tensor_batches)(faces, idx, batch, opts, rt, 0)
-            train_ips = bench_train(model, batches, args.steps, rt, recipe)
-            infer_ips = bench_infer(model, faces, rt, batch)
-            rows.append(train_ips)
-            memory, mib = peak_memory(rt)
-            log(f"{label:<24} {s:>4}px  {rt.precision:>8}  channels_last={str(rt.channels_last):<5}  "
-                f"train {train_ips:7.1f} img/s  infer {infer_ips:7.1f} img/s  peak {memory} {mib:5.0f} MiB")
-            num_classes = len(faces.classes)
-            del model, faces
-        default = rows[len(pairs) + 1]
-        alone = bench_network_alone(args, ours, size, batch, num_classes, recipe)
-        log(f"ours / report at {args.report_size}px: {rows[1] / rows[0]:.1f}x training; "
-            f"ours at {size}px / report at {args.report_size}px: {default / rows[0]:.1f}x; "
-            f"an epoch of 4,500 images at {size}px: about {4500 / default:.0f} s; "
-            f"ours / the network alone: {default / alone:.2f} of its speed"
-            + (f"; torch.compile: {rows[-1] / default:.2f}x" if args.compile else ""))
-    return rows + [alone]
-
-
-def bench_network_alone(args, rt, size, batch, num_classes, recipe):
-    """Training images/s of the network on one batch of random tensors already in
-    memory, in training's precision and layout: the most any input pipeline could
-    feed (the pipeline rows pay for decoding, augmentation and the layout change)."""
-    torch.manual_seed(0)
-    model = build_model(args.model, num_classes, args.in_channels, size, rt)
-    x = rt.prepare(torch.randn(batch, args.in_channels, size, size, device=rt.device))
-    y = torch.randint(0, 2, (batch,), device=rt.device)
-    ips = bench_train(model, itertools.repeat((x, y)), args.steps, rt, recipe)
-    log(f"{'the network alone':<24} {size:>4}px  {rt.precision:>8}  channels_last={str(rt.channels_last):<5}  "
-        f"train {ips:7.1f} img/s  (random tensors in memory)")
-    return ips
-
-
-def write_fake_folder(root, classes, n):
-    """A throwaway ImageFolder of random 48x48 JPEGs, for `bench` without --data."""
-    g = torch.Generator().manual_seed(0)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(max(1, n // classes)):
-            pixels = torch.randint(0, 256, (48, 48), dtype=torch.uint8, generator=g)
-            Image.fromarray(pixels.numpy(), "L").save(root / f"class{c}" / f"{i}.jpg")
-    return root
-
-
-# ----------------------------------------------------------------------------
 # Command line
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """One line, not argparse's usage block: what is wrong and where to look."""
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def number(kind, low=None, high=None, low_open=False, high_open=False):
-    """An argparse type for a number in a range, checked before any work starts."""
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
-        bad_low = low is not None and (v <= low if low_open else v < low)
-        bad_high = high is not None and (v >= high if high_open else v > high)
-        if bad_low or bad_high or (kind is float and not math.isfinite(v)):
-            lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
-            hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
-            raise argparse.ArgumentTypeError(f"{text} is out of range (must be {' and '.join(filter(None, (lo, hi)))})")
-        return v
-    return parse
 
 
 def mixup_alpha(text):
@@ -2092,11 +1038,10 @@ def class_list(text):
 
 
 def recipe_table():
-    """`train --help`'s table of the recipes, made from RECIPES so it cannot drift; short
-    only where it differs from ours."""
+    """`train --help`'s table of the recipes, made from RECIPES so it cannot drift."""
     rows = [("network", "recipe", "optimizer", "lr", "batch", "epochs", "size", "schedule", "augmentation, loss")]
     for net in sorted(MODELS):
-        for name in ["ours", "report"] + ["short"] * (SHORT[net] != OURS[net]):
+        for name in RECIPES:
             r = {**TRAIN_DEFAULTS, **RECIPES[name][net]}
             aug = [f"crop {r['crop_scale']:g}-1", "flip"] + [f"rotate {r['rotation']:g}"] * (r["rotation"] > 0) \
                 + [f"erase {r['erasing']:g}"] * (r["erasing"] > 0) \
@@ -2121,13 +1066,17 @@ def runtime_options(q):
                    help="NHWC memory layout (default: on for cpu and cuda)")
     q.add_argument("--threads", type=number(int, 1), default=None,
                    help="CPU threads (default: $OMP_NUM_THREADS if set, as torchrun does, else all cores)")
+
+
+def workers_option(q):
+    """--workers, on the commands whose loader reads it (the report's PIL pipeline)."""
     q.add_argument("--workers", type=number(int, 0), default=2,
                    help="DataLoader processes for --pipeline pil (default: %(default)s)")
 
 
 def evaluation_options(q, data_help, data_default):
-    q.add_argument("--checkpoint", nargs="+", required=True, metavar="CKPT",
-                   help="a .pt file written by train or export; several are an ensemble, which averages their "
+    q.add_argument("--checkpoint", action="append", required=True, metavar="CKPT",
+                   help="a .pt file written by train or export; repeat it for an ensemble, which averages the "
                         "class probabilities, each network at its own image size")
     q.add_argument("--data", default=data_default, help=f"{data_help} (default: {data_default or 'the --data the checkpoint was trained with'})")
     q.add_argument("--batch-size", type=number(int, 1), default=128, help="(default: %(default)s)")
@@ -2137,17 +1086,6 @@ def evaluation_options(q, data_help, data_default):
 
 TTA = dict(choices=["none", "flip", "tencrop"], default="none",
            help="test-time augmentation: average softmax over the mirror image or ten crops (default: %(default)s)")
-
-
-def add_prepare(sub):
-    """`prepare`: FER2013 as downloaded -> the folders below."""
-    q = sub.add_parser("prepare", help="FER2013 as downloaded -> OUT/fer5 (the report's split) and OUT/fer2013", **FMT)
-    q.add_argument("src", metavar="SRC", help="fer2013.csv, icml_face_data.csv, the image-folder copy "
-                   "(train/<class>/, test/<class>/) or the .zip / .tar.gz holding one of them")
-    q.add_argument("--out", default="data", help="folder to write fer5/ and fer2013/ into (default: %(default)s)")
-    q.add_argument("--manifest", default=MANIFEST,
-                   help="the fer5 split, face by face (default: data/fer5_manifest.csv beside fer.py)")
-    q.set_defaults(func=cmd_prepare)
 
 
 def augmentation_options(t):
@@ -2173,8 +1111,8 @@ def add_train(sub):
     t.add_argument("--model", choices=sorted(MODELS), help="network (default: resnet34)")
     t.add_argument("--out", help="folder for best.pt and last.pt (default: runs/<model>)")
     t.add_argument("--recipe", choices=sorted(RECIPES), help="the per-network values of the table below: "
-                   "ours (fast on a CPU), the report's, or short (ResNet34 cut to a third of ours' time for CPUs "
-                   "without native bfloat16, at some accuracy); options given explicitly override it (default: ours)")
+                   "ours (fast on a CPU) or the report's (224 px, hours on a CPU); options given explicitly "
+                   "override it (default: ours)")
     t.add_argument("--resume", metavar="CKPT", help="continue the run saved in CKPT (its last.pt) "
                    "with the options it was started with (default: a new run)")
     t.add_argument("--epochs", type=number(int, 1), help="epochs (default: per network and recipe)")
@@ -2221,6 +1159,7 @@ def add_train(sub):
     t.add_argument("--compile", action="store_true", help="torch.compile the network (default: off)")
     t.add_argument("--dry-run", action="store_true", help="one epoch only, to check a setup quickly")
     runtime_options(t)
+    workers_option(t)
     t.set_defaults(func=cmd_train)
 
 
@@ -2248,52 +1187,6 @@ def add_evaluation(sub):
     s.set_defaults(func=cmd_test)
 
 
-def add_predict(sub):
-    """`predict` on image files and folders."""
-    # The paths first: --checkpoint takes every path after it (several make an ensemble).
-    r = sub.add_parser("predict", help="class probabilities of image files or folders", **FMT,
-                       usage="%(prog)s PATH [PATH ...] [--checkpoint CKPT [CKPT ...]] [options]")
-    r.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders of images")
-    r.add_argument("--checkpoint", nargs="+", default=[DEFAULT_CHECKPOINT], metavar="CKPT",
-                   help="a .pt file written by train or export; several are an ensemble, which averages their "
-                        "class probabilities; give the PATHs first, as it takes every path after it "
-                        "(default: checkpoints/googlenet_fer2013_5class_e30.pt beside fer.py, the shipped "
-                        "five-class model)")
-    r.add_argument("--save-dir", metavar="DIR", help="write DIR/predictions.png: each face, its predicted "
-                   "class and a bar of the class probabilities; and for each photo in which faces were found, "
-                   "DIR/NAME_faces.png: the photo with each face's box, class and probability (default: none)")
-    r.add_argument("--top", type=number(int, 1), default=3, metavar="K",
-                   help="how many classes, most probable first, the JSON's `top` lists per image; the table "
-                        "and the JSON's `probabilities` always give every class (default: %(default)s)")
-    r.add_argument("--detect", action=argparse.BooleanOptionalAction, default=None,
-                   help="find the frontal faces in each picture first, and classify each face "
-                        f"(needs OpenCV: {DETECTOR_INSTALL}); default: with OpenCV installed, on for pictures "
-                        f"that are not face crops (longer side above {CROP_MAX_SIDE} px, or sides further apart "
-                        f"than {CROP_MAX_ASPECT:g}:1), else off")
-    r.add_argument("--tta", **TTA)
-    r.add_argument("--batch-size", type=number(int, 1), default=128, help="(default: %(default)s)")
-    r.add_argument("--json", metavar="PATH", help="also write the predictions as JSON to PATH (default: print only)")
-    runtime_options(r)
-    r.set_defaults(func=cmd_predict, device="cpu")
-
-
-def add_bench(sub):
-    """`bench`: the report's pipeline against ours."""
-    b = sub.add_parser("bench", help="training and inference images/s: the report's pipeline against ours", **FMT)
-    b.add_argument("--model", choices=sorted(MODELS), help="network (default: resnet34)")
-    b.add_argument("--data", help="folder with train/<class>/ (default: random images made on the fly)")
-    b.add_argument("--image-size", type=number(int, 1), help="our input size (default: the network's recipe)")
-    b.add_argument("--report-size", type=number(int, 1), default=224, help="the report's input size (default: %(default)s)")
-    b.add_argument("--batch-size", type=number(int, 1), help="(default: the network's recipe)")
-    b.add_argument("--steps", type=number(int, 1), default=3, help="timed training steps per pipeline (default: %(default)s)")
-    b.add_argument("--in-channels", type=int, choices=[1, 3], default=3, help="(default: %(default)s)")
-    b.add_argument("--compile", action="store_true",
-                   help="add a row for ours with torch.compile; compiling adds about 40 s "
-                        "for ResNet34 on 2 cores (default: off)")
-    runtime_options(b)
-    b.set_defaults(func=cmd_bench)
-
-
 def add_export(sub):
     """`export`: weights only, for shipping."""
     e = sub.add_parser("export", help="a weights-only checkpoint for shipping (float16 with --half)", **FMT)
@@ -2306,25 +1199,23 @@ def add_export(sub):
 def build_parser():
     p = Parser(prog="fer.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
-    for add in (add_prepare, add_train, add_evaluation, add_predict, add_bench, add_export):
+    for add in (add_train, add_evaluation, add_export):
         add(sub)
     return p
+
+
+def resume_hint(args):
+    """What a Ctrl-C of `train` leaves: the last completed epoch, and how to go on."""
+    last = Path(args.out or "") / "last.pt"
+    if args.command != "train" or not args.out or not last.is_file():
+        return ""
+    return f"; {last} holds the last completed epoch: continue with python fer.py train --resume {last}"
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except FerError as e:
-        print(f"fer.py {args.command}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        hint = ""
-        if args.command == "train" and args.out and (Path(args.out) / "last.pt").is_file():
-            hint = f"; {args.out}/last.pt holds the last completed epoch: continue with " \
-                   f"python fer.py train --resume {args.out}/last.pt"
-        print(f"fer.py {args.command}: interrupted{hint}", file=sys.stderr)
-        sys.exit(130)
+        return common.guard(f"fer.py {args.command}", lambda: args.func(args), lambda: resume_hint(args))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
