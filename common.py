@@ -14,7 +14,7 @@ from pathlib import Path
 # torchvision's IMG_EXTENSIONS, here so that prepare.py runs without torch
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # The programs of this folder; each imports this module before torch.
-SCRIPTS = ("fer.py", "predict.py", "bench.py", "prepare.py")
+SCRIPTS = ("fer.py", "predict.py", "bench.py", "prepare.py", "export.py")
 
 
 def _interrupted_while_starting(*_):
@@ -85,6 +85,25 @@ def write_json(path, obj):
         write_file(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
+def check_writable(path, option, folder=False):
+    """Before any work: `path` (a file, or with folder=True a folder) can be written, so a
+    command does not fail at its end after replacing some of its outputs."""
+    path = Path(path)
+    if path.exists():
+        if path.is_dir() != folder:
+            raise FerError(f"{option} {path} is a {'file' if folder else 'folder'}; give a "
+                           f"{'folder' if folder else 'file'} path, or choose another {option}")
+        target = path if folder else path.parent
+    else:
+        target = next(p for p in path.absolute().parents if p.exists())
+        if not folder and target != path.absolute().parent:
+            raise FerError(f"the folder of {option} {path} does not exist; create {path.parent} or choose another {option}")
+        if not target.is_dir():
+            raise FerError(f"cannot create {option} {path}: {target} is a file; choose another {option}")
+    if not os.access(target, os.W_OK):
+        raise FerError(f"{option} {path}: {target} is not writable; choose another {option}")
+
+
 def make_folder(path, option):
     """mkdir -p, with a one-line error naming the option that chose the folder."""
     try:
@@ -127,3 +146,6 @@ def guard(prog, run, interrupted=lambda: ""):
     except KeyboardInterrupt:
         print(f"{prog}: interrupted{interrupted()}", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `... | head` closed the pipe: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        sys.exit(0)

@@ -6,17 +6,16 @@
     python fer.py validate --checkpoint runs/resnet34/best.pt
     python fer.py test     --checkpoint runs/resnet34/best.pt
     python fer.py test     --checkpoint runs/resnet34/best.pt --checkpoint runs/googlenet/best.pt  # ensemble
-    python fer.py export   --checkpoint runs/resnet34/best.pt --out resnet34_fer5_64.pt --half
 
 This file is the report's path, read top to bottom: recipes; data (image folders
 decoded into tensors, the split, augmentation, the report's own transforms);
-runtime (device, precision, processes); models and checkpoints; the loops (one
-training epoch, one evaluation); the commands train, validate, test and export;
-the command line. nets.py holds the networks, metrics.py the confusion-matrix
-metrics, pictures.py the drawings. Each other job is a script that imports this
-file: prepare.py (FER2013 as downloaded -> data/), predict.py (faces in pictures
-and photos), bench.py (images/s). `python fer.py <command> --help` lists every
-option and its default.
+models and checkpoints; the loops (one training epoch, one evaluation); the
+commands train, validate and test; the command line. nets.py holds the networks, metrics.py the confusion-matrix
+metrics; runs.py the checkpoint files, runtime.py the device and precision,
+pictures.py the drawings. Each other job is a script of its own: prepare.py
+(FER2013 as downloaded -> data/), predict.py (faces in pictures and photos),
+bench.py (images/s), export.py (weights for shipping). `python fer.py <command>
+--help` lists every option and its default.
 """
 import common  # first: it makes Ctrl-C while torch loads one line, not a traceback
 import argparse
@@ -24,7 +23,6 @@ import itertools
 import math
 import os
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +38,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 import ferplus
 import metrics
 import pictures
+from runs import MAX_IMAGE_SIZE, check_out, load_checkpoint, save_run, weights_only
 from runtime import Progress, describe_device, log, setup_runtime
-from common import IMG_EXTENSIONS, MANIFEST, FerError, Parser, make_folder, number, write_file, write_json
+from common import IMG_EXTENSIONS, MANIFEST, FerError, Parser, check_writable, make_folder, number, write_json
 from nets import MODELS
 
 # Per-network defaults of `train`: the recipes of the results in the README. All
@@ -85,8 +84,12 @@ MEAN, STD = 0.5, 0.5
 AUX_WEIGHT = 0.3
 # What `train` and `test` read when no --data is given: what `prepare` writes.
 DEFAULT_DATA = "data/fer5"
-# Checkpoint fields every command relies on.
-CHECKPOINT_KEYS = ("arch", "classes", "image_size", "in_channels", "state_dict", "args")
+# What Pillow raises for a picture it cannot decode (a damaged file, a mode that
+# cannot become RGB or L, a decompression bomb): --skip-bad-images leaves those out.
+UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)
+# --skip-bad-images means the same on every command that reads pictures.
+SKIP_BAD = dict(action="store_true", default=None, help="leave out the pictures that cannot be decoded, counting "
+                "them and naming the first, instead of stopping at the first (default: off)")
 
 
 # ----------------------------------------------------------------------------
@@ -149,10 +152,25 @@ def open_image(path, in_channels):
     """Any image file as a PIL image with 1 (L) or 3 (RGB) channels, upright as its
     camera's EXIF orientation says (a phone's portrait photo is stored on its side)."""
     with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
+        img = eight_bit(ImageOps.exif_transpose(img))
         if img.mode == "P":  # palette images may carry transparency: go through RGBA
             img = img.convert("RGBA")
         return img.convert("RGB" if in_channels == 3 else "L")
+
+
+def eight_bit(img):
+    """16- and 32-bit grayscale scaled by their range to 8 bits (65535 -> 255), where
+    Pillow's convert() clips them (a 16-bit face turns all white). A 32-bit integer
+    image whose values fit in 16 bits holds 16-bit data (as 16-bit PGMs and TIFFs are
+    read), and a float image within 0-1 is scaled from 0-1; other images pass as they are."""
+    if img.mode.startswith("I;16"):
+        top = 65535
+    elif img.mode in ("I", "F"):
+        _, high = img.getextrema()
+        top = (1.0 if high <= 1 else 255) if img.mode == "F" else (65535 if high <= 65535 else 2**31 - 1)
+    else:
+        return img
+    return img.convert("F").point(lambda v: v * 255 / top).convert("L")
 
 
 def read_image(path, size, in_channels):
@@ -171,14 +189,14 @@ def load_faces(root, size, in_channels, skip_bad=False, limit=None, classes=None
         try:
             images.append(read_image(path, size, in_channels))
             kept.append((path, label))
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+        except UNREADABLE as e:
             if not skip_bad:
                 raise FerError(f"cannot read image {path} ({e}); delete it or pass --skip-bad-images")
             bad.append(path)
     if bad:
         log(f"note: skipped {len(bad)} unreadable image(s), first {bad[0]}")
     if not kept:
-        raise FerError(f"no readable images under {root}")
+        raise FerError(f"no readable images under {root}; give a folder of images Pillow can decode")
     return Faces(torch.stack(images), torch.tensor([label for _, label in kept]),
                  classes, [str(path) for path, _ in kept])
 
@@ -282,8 +300,6 @@ def tta_views(x, mode):
     return crops + [c.flip(-1) for c in crops]
 
 
-
-
 # ----------------------------------------------------------------------------
 # Models and checkpoints
 
@@ -305,77 +321,13 @@ def check_image_size(arch, image_size, option="--image-size"):
         build_model(arch, 2, 3, image_size, option=option)
 
 
-def save_checkpoint(state, path):
-    """Atomically (see write_file), so an interrupt or a full disk leaves the
-    previous checkpoint intact."""
-    write_file(path, lambda f: torch.save(state, f), what="checkpoint ", option="--out")
-
-
-def weights_only(state):
-    """A checkpoint without the optimiser, scheduler, scaler and --ema state that only
-    --resume needs: what best.pt and `export` keep."""
-    return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "scaler", "ema")}
-
-
-HISTORY_COLUMNS = ("epoch", "loss", "val_accuracy", "val_macro_f1", "lr", "seconds")
-# history.csv's optional columns: two more with --ema, two more with --watch-test
-EXTRA_COLUMNS = ("ema_val_accuracy", "ema_val_macro_f1", "test_accuracy", "test_macro_f1")
-
-
-def save_run(out, state, best, best_raw=None):
-    """After an epoch: last.pt (all that --resume needs), best.pt when validation
-    improved (`best`, weights only; else None), best_raw.pt under --ema when the raw
-    weights improved (`best_raw`), history.csv and curves.png of the epochs so far."""
-    save_checkpoint(state, out / "last.pt")
-    if best is not None:
-        save_checkpoint(best, out / "best.pt")
-    if best_raw is not None:
-        save_checkpoint(best_raw, out / "best_raw.pt")
-    columns = HISTORY_COLUMNS + tuple(k for k in EXTRA_COLUMNS if k in state["history"][0])
-    rows = [",".join(columns)] + [",".join(f"{h[k]:.6g}" if isinstance(h[k], float) else str(h[k])
-                                           for k in columns) for h in state["history"]]
-    write_file(out / "history.csv", lambda f: f.write(("\n".join(rows) + "\n").encode()), option="--out")
-    pictures.save_png(pictures.draw_curves(state["history"], state["best_epoch"]), out / "curves.png", "--out")
-
-
-def load_checkpoint(path):
-    """A checkpoint dict, loaded safely: weights_only=True refuses pickled code, and
-    map_location='cpu' lets a GPU checkpoint load on any machine."""
-    path = Path(path)
-    if not path.is_file():
-        raise FerError(f"checkpoint {path} does not exist; give the .pt file written by `fer.py train`")
-    try:
-        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types for bad files
-        text = str(e)
-        if "Unsupported global" in text:  # a class or function to call: pickled code, never run
-            what = text.split("Unsupported global:", 1)[1].split(" was not", 1)[0].strip()
-            raise FerError(f"{path} holds pickled Python code ({what}), which weights_only loading "
-                           "refuses for safety, so none of it ran; use a checkpoint written by "
-                           "`fer.py train` or `fer.py export`") from None
-        # the cause, not torch's advice on weights_only; an empty file raises with no message
-        text = text.split("WeightsUnpickler error:", 1)[-1].strip() or "no message"
-        reason = ("empty file" if path.stat().st_size == 0
-                  else f"{type(e).__name__}: {text.splitlines()[0].split('. ')[0][:200]}")
-        raise FerError(f"{path} is not a readable checkpoint, damaged or truncated ({reason}); "
-                       "use the .pt file written by `fer.py train` or `fer.py export`") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise FerError(f"{path} is not a fer checkpoint (it lacks {', '.join(missing)}); "
-                       "use the .pt file written by `fer.py train` or `fer.py export`")
-    if ckpt["arch"] not in MODELS:
-        raise FerError(f"{path} holds an unknown network {ckpt['arch']!r}")
-    return ckpt
-
-
 def model_from_checkpoint(ckpt, rt, source="the checkpoint"):
     # normalize() applies this file's MEAN and STD: refuse a checkpoint trained with others.
-    if (ckpt.get("mean", MEAN), ckpt.get("std", STD)) != (MEAN, STD):
+    if (ckpt["mean"], ckpt["std"]) != (MEAN, STD):
         raise FerError(f"{source} was trained with mean {ckpt['mean']} and std {ckpt['std']}, "
                        f"this fer.py normalises with {MEAN} and {STD}; use the fer.py that trained it")
-    model = build_model(ckpt["arch"], len(ckpt["classes"]), ckpt["in_channels"], ckpt["image_size"], rt)
+    model = build_model(ckpt["arch"], len(ckpt["classes"]), ckpt["in_channels"], ckpt["image_size"], rt,
+                        option=f"{source}'s image size")
     # A float16 export loads into the float32 model: load_state_dict casts on copy.
     load_weights(model, ckpt["state_dict"], ckpt["arch"], source)
     return model.eval()
@@ -437,8 +389,8 @@ def ensemble_arch(members):
 def member_dict(member):
     """A member as the JSON names it: its file and what its network is."""
     c = member.ckpt
-    return dict(checkpoint=member.path, arch=c["arch"], epoch=c.get("epoch"), image_size=c["image_size"],
-                in_channels=c["in_channels"], weights=c.get("weights", "raw"))
+    return dict(checkpoint=member.path, arch=c["arch"], epoch=c["epoch"], image_size=c["image_size"],
+                in_channels=c["in_channels"], weights=c["weights"])
 
 
 # ----------------------------------------------------------------------------
@@ -638,8 +590,6 @@ TRAIN_OPTIONS = ("model", "recipe", "epochs", "batch_size", "lr", "optimizer", "
                  "classes", "watch_test")
 # What a checkpoint's `args` records: the training options and where the run read and wrote.
 RUN_OPTIONS = TRAIN_OPTIONS + ("data", "out", "amp", "channels_last")
-# The training options of runs saved before the option existed: what those runs did.
-OLDER_RUNS = dict(mixup=0.0, recipe="ours", ema=None, classes=None, watch_test=False)
 # What `--resume` needs beyond CHECKPOINT_KEYS (best.pt and exports drop the first three).
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "epoch", "best_metric", "best_epoch", "history")
 
@@ -654,9 +604,6 @@ def resolve_train_args(args):
         if args.model and args.model != ckpt["arch"]:
             raise FerError(f"--resume {args.resume} is a {ckpt['arch']} checkpoint but --model is "
                            f"{args.model}; drop --model or resume a {args.model} checkpoint")
-        for k, v in OLDER_RUNS.items():
-            ckpt["args"].setdefault(k, v)
-        ckpt["args"]["split_seed"] = run_split_seed(ckpt["args"])
         missing = [k for k in RESUME_KEYS if k not in ckpt] + [k for k in TRAIN_OPTIONS if k not in ckpt["args"]]
         missing += ["ema"] if ckpt["args"]["ema"] and "ema" not in ckpt else []
         if missing:
@@ -674,6 +621,8 @@ def resolve_train_args(args):
                 setattr(args, k, ckpt["args"].get(k))
         args.data = args.data or ckpt["args"]["data"]
         args.out = args.out or ckpt["args"]["out"]
+    if args.dry_run and args.resume:
+        raise FerError("--dry-run starts a new one-epoch run to check a set-up; drop --resume, or --dry-run")
     args.model = args.model or "resnet34"
     args.recipe = args.recipe or "ours"
     for k, v in {**TRAIN_DEFAULTS, **RECIPES[args.recipe][args.model]}.items():
@@ -681,6 +630,8 @@ def resolve_train_args(args):
             setattr(args, k, v)
     args.out = args.out or str(Path("runs") / args.model)
     args.data = args.data or DEFAULT_DATA
+    if args.dry_run:  # one epoch of a one-epoch schedule, not the first of a longer one
+        args.epochs = 1
     return ckpt
 
 
@@ -762,15 +713,25 @@ def restore(ckpt, args, raw_model, optimizer, scheduler, scaler, ema):
     return ckpt["epoch"], ckpt["best_metric"], ckpt["best_epoch"], ckpt["history"]
 
 
-def validate_epoch(raw_model, ema, faces, val_idx, rt, batch_size):
-    """Validation metrics of the raw weights and, with --ema, of the averaged ones (else None)."""
+def score_epoch(raw_model, ema, faces, val_idx, test_faces, rt, batch_size):
+    """Validation metrics of the raw weights and, with --ema, of the averaged ones (else
+    None); with --watch-test, the raw weights' test metrics (else None), written down only."""
+    if rt.world > 1:  # BatchNorm statistics drift apart per process: score rank 0's
+        for b in itertools.chain(raw_model.buffers(), ema.buffers() if ema is not None else ()):
+            dist.broadcast(b, 0)
     m = metrics.classification_metrics(evaluate(raw_model, faces, val_idx, rt, batch_size))
-    if ema is None:
-        return m, None
-    return m, metrics.classification_metrics(evaluate(ema.module, faces, val_idx, rt, batch_size))
+    ema_m = None if ema is None else metrics.classification_metrics(evaluate(ema.module, faces, val_idx, rt, batch_size))
+    test_m = None if test_faces is None else metrics.classification_metrics(
+        evaluate(raw_model, test_faces, torch.arange(len(test_faces.labels)), rt, batch_size))
+    return m, ema_m, test_m
 
 
-def epoch_summary(epoch, epochs, loss, m, ema_m, test_m, seconds, lr, images, improved):
+def run_ema(ema):
+    """last.pt's --ema state: the average and its step count, or nothing."""
+    return {} if ema is None else dict(ema=ema.state_dict())
+
+
+def epoch_summary(epoch, args, loss, m, ema_m, test_m, seconds, lr, images, improved):
     """An epoch's row of the history, logged as one line; --watch-test's figures
     (test_m, else None) come last, after a bar, apart from what chooses the epoch."""
     row = dict(epoch=epoch, loss=loss, val_accuracy=m["accuracy"],
@@ -782,7 +743,8 @@ def epoch_summary(epoch, epochs, loss, m, ema_m, test_m, seconds, lr, images, im
     if test_m is not None:
         row.update(test_accuracy=test_m["accuracy"], test_macro_f1=test_m["macro_f1"])
         test_text = f"  | watched, not used: test acc {test_m['accuracy']:.4f}  test macro-F1 {test_m['macro_f1']:.4f}"
-    log(f"epoch {epoch:3d}/{epochs}  loss {loss:.4f}  val acc {m['accuracy']:.4f}  val macro-F1 {m['macro_f1']:.4f}  "
+    dry = " (dry run)" if args.dry_run else ""
+    log(f"epoch {epoch:3d}/{args.epochs}{dry}  loss {loss:.4f}  val acc {m['accuracy']:.4f}  val macro-F1 {m['macro_f1']:.4f}  "
         f"{ema_text}{images / seconds:6.0f} img/s  {seconds:5.1f} s  lr {lr:.2e}{'  *' if improved else ''}{test_text}")
     return row
 
@@ -805,8 +767,21 @@ def best_raw_checkpoint(state):
 
 
 def cmd_train(args):
+    """Train one network; best.pt keeps the epoch with the best validation Macro-F1,
+    last.pt the last one with all that --resume needs."""
     ckpt = resolve_train_args(args)
     check_image_size(args.model, args.image_size)
+    out = Path(args.out)
+    check_out(out, args.resume)
+    created = not out.exists()
+    try:
+        train(args, ckpt)
+    finally:  # a run stopped before its first epoch ended leaves no empty folder behind
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+
+
+def train(args, ckpt):
     rt = setup_runtime(args, distributed=True)
     t0 = time.time()
     faces, train_idx, val_idx = training_data(args, ckpt, rt)
@@ -826,10 +801,7 @@ def cmd_train(args):
                                    steps, optimizer, scheduler, scaler, criterion, rt, epoch, args.mixup,
                                    Progress(steps, args.batch_size), ema, raw_model)
         seconds = time.time() - tic
-        if rt.world > 1:  # BatchNorm statistics drift apart per process: validate rank 0's
-            for b in itertools.chain(raw_model.buffers(), ema.buffers() if ema is not None else ()):
-                dist.broadcast(b, 0)
-        m, ema_m = validate_epoch(raw_model, ema, faces, val_idx, rt, args.batch_size * 2)
+        m, ema_m, test_m = score_epoch(raw_model, ema, faces, val_idx, test_faces, rt, args.batch_size * 2)
         if isinstance(scheduler, PLATEAU):
             # the raw weights' figure (the rate trains them; an average only follows), and
             # every process sees the same one, so the rates stay equal
@@ -839,30 +811,29 @@ def cmd_train(args):
         raw_improved = ema is not None and m["macro_f1"] > max((h["val_macro_f1"] for h in history), default=-1.0)
         if improved:
             best, best_epoch = kept, epoch
-        test_m = None if test_faces is None else metrics.classification_metrics(
-            evaluate(raw_model, test_faces, torch.arange(len(test_faces.labels)), rt, args.batch_size * 2))
-        history.append(epoch_summary(epoch, args.epochs, loss, m, ema_m, test_m, seconds, lr,
+        history.append(epoch_summary(epoch, args, loss, m, ema_m, test_m, seconds, lr,
                                      steps * args.batch_size, improved))
         if rt.rank == 0:
             state = dict(arch=args.model, classes=faces.classes, image_size=args.image_size,
-                         in_channels=args.in_channels, mean=MEAN, std=STD, epoch=epoch,
-                         state_dict=raw_model.state_dict(), weights="raw", optimizer=optimizer.state_dict(),
-                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                         in_channels=args.in_channels, mean=MEAN, std=STD, epoch=epoch, weights="raw",
+                         state_dict=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), dry_run=args.dry_run,
                          best_metric=best, best_epoch=best_epoch, val_metrics=m, history=history,
-                         args={k: getattr(args, k) for k in RUN_OPTIONS})
-            if ema is not None:
-                state["ema"] = ema.state_dict()
+                         args={k: getattr(args, k) for k in RUN_OPTIONS}, **run_ema(ema))
             save_run(Path(args.out), state, best_checkpoint(state, ema, ema_m) if improved else None,
                      best_raw_checkpoint(state) if raw_improved else None)
-        if args.dry_run:
-            break
     raw = ", best_raw.pt" if (Path(args.out) / "best_raw.pt").exists() else ""
     log(f"best validation macro-F1 {best:.4f} at epoch {best_epoch}; checkpoints in {args.out}/ "
         f"(best.pt{raw}, last.pt); {(time.time() - t0) / 60:.1f} min in all")
 
 
 def evaluation_setup(args):
-    """validate's, test's and predict's runtime and the members of --checkpoint."""
+    """validate's, test's and predict's runtime and the members of --checkpoint, once
+    their outputs are known to be writable: a command that fails leaves earlier files as
+    they were."""
+    for path, option, folder in ((args.json, "--json", False), (getattr(args, "save_dir", None), "--save-dir", True)):
+        if path:
+            check_writable(path, option, folder)
     rt = setup_runtime(args)
     return rt, load_members(args.checkpoint, rt)
 
@@ -871,7 +842,7 @@ def decode_for(members, folder, skip_bad):
     """FOLDER's images decoded once for each distinct input of the members, checked
     against their classes: {(size, channels): Faces}. Only the class folders the
     members trained on are read (train --classes), so a larger folder serves too."""
-    classes = members[0].ckpt["args"].get("classes")  # None (all) before --classes existed
+    classes = members[0].ckpt["args"]["classes"]
     faces = {key: load_faces(folder, *key, skip_bad, classes=classes) for key in member_inputs(members)}
     check_classes(members[0].ckpt, next(iter(faces.values())).classes, folder)
     return faces
@@ -918,19 +889,13 @@ def split_folder(data, split):
     return folder
 
 
-def run_split_seed(run_args):
-    """The seed of a run's validation split, from its checkpoint's args: --split-seed,
-    or --seed for runs saved before --split-seed existed (--seed moved the split then)."""
-    return run_args.get("split_seed", run_args.get("seed"))
-
-
 def validation_split(members, data):
     """The folder, fraction and seed of the validation split the members were trained
-    with, and whether to skip bad images: one split for all, or the ensemble would be
+    with: one split for all, or the ensemble would be
     scored on faces some member trained on. --data DATA replaces the folder."""
     def split(m):
         a = m.ckpt["args"]
-        return str(Path(data or a["data"]).resolve()), a["val_fraction"], run_split_seed(a)
+        return str(Path(data or a["data"]).resolve()), a["val_fraction"], a["split_seed"]
     for m in members[1:]:
         if split(m) != split(members[0]):
             (d0, f0, s0), (d, f, s) = split(members[0]), split(m)
@@ -939,14 +904,15 @@ def validation_split(members, data):
                            "of its members trained on: give checkpoints trained with the same --data, "
                            "--val-fraction and --split-seed")
     a = members[0].ckpt["args"]
-    skip_bad = any(m.ckpt["args"]["skip_bad_images"] for m in members)
-    return data or a["data"], a["val_fraction"], run_split_seed(a), skip_bad
+    return data or a["data"], a["val_fraction"], a["split_seed"]
 
 
 def cmd_validate(args):
     """Metrics on the validation split the run used, rebuilt from the checkpoint(s)."""
     rt, members = evaluation_setup(args)
-    data, val_fraction, seed, skip_bad = validation_split(members, args.data)
+    data, val_fraction, seed = validation_split(members, args.data)
+    # the split is drawn from the faces training decoded: leave out what it left out
+    skip_bad = args.skip_bad_images or any(m.ckpt["args"]["skip_bad_images"] for m in members)
     train_dir = split_folder(data, "train")
     faces_by_input = decode_for(members, train_dir, skip_bad)
     faces = faces_by_input[members[0].input]
@@ -1001,19 +967,6 @@ def cmd_test(args):
         pictures.save_png(pictures.draw_mistakes(faces, probs, args.mistakes), save_dir / "mistakes.png")
         log(f"wrote {save_dir}/metrics.json, confusion_matrix.png and mistakes.png")
     return m
-
-
-
-
-def cmd_export(args):
-    """A checkpoint for shipping: weights only (float16 with --half), no optimiser."""
-    ckpt = load_checkpoint(args.checkpoint)
-    state = weights_only(ckpt)
-    if args.half:
-        state["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
-    make_folder(Path(args.out).parent, "--out")
-    save_checkpoint(state, args.out)
-    log(f"wrote {args.out} ({Path(args.out).stat().st_size / 2**20:.1f} MiB)")
 
 
 # ----------------------------------------------------------------------------
@@ -1081,6 +1034,7 @@ def evaluation_options(q, data_help, data_default):
     q.add_argument("--data", default=data_default, help=f"{data_help} (default: {data_default or 'the --data the checkpoint was trained with'})")
     q.add_argument("--batch-size", type=number(int, 1), default=128, help="(default: %(default)s)")
     q.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (default: print only)")
+    q.add_argument("--skip-bad-images", **SKIP_BAD)
     runtime_options(q)
 
 
@@ -1130,7 +1084,7 @@ def add_train(sub):
     t.add_argument("--label-smoothing", type=number(float, 0, 1, high_open=True), help=f"(default: {D['label_smoothing']}, or the recipe's)")
     t.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=None,
                    help="weight the loss by inverse class frequency (default: off)")
-    t.add_argument("--image-size", type=number(int, 1), help="side of the square network input; "
+    t.add_argument("--image-size", type=number(int, 1, MAX_IMAGE_SIZE), help="side of the square network input; "
                    "images are resized to it once, when decoded (default: per network and recipe)")
     t.add_argument("--in-channels", type=int, choices=[1, 3], help=f"1 for grayscale, 3 for RGB (default: {D['in_channels']})")
     augmentation_options(t)
@@ -1150,14 +1104,15 @@ def add_train(sub):
     t.add_argument("--pipeline", choices=["tensor", "pil"],
                    help="tensor: decoded once, augmented per batch; pil: the report's per-image "
                         "PIL transforms, for comparison (default: tensor)")
-    t.add_argument("--skip-bad-images", action=argparse.BooleanOptionalAction, default=None,
-                   help="leave out images that cannot be decoded instead of stopping (default: off)")
+    t.add_argument("--skip-bad-images", **SKIP_BAD)
     t.add_argument("--watch-test", action="store_true", default=None,
                    help="also score DATA/test after every epoch into history.csv and curves.png, to measure what "
                         "choosing the epoch on the test set (as the report did) would flatter; never used to choose "
                         "the epoch or anything else: the one exception to `test` alone reading it (default: off)")
     t.add_argument("--compile", action="store_true", help="torch.compile the network (default: off)")
-    t.add_argument("--dry-run", action="store_true", help="one epoch only, to check a setup quickly")
+    t.add_argument("--dry-run", action="store_true",
+                   help="a run of one epoch (a one-epoch schedule, whatever --epochs says) to check a set-up; "
+                        "its checkpoints are marked as a dry run's, and any later train may replace them")
     runtime_options(t)
     workers_option(t)
     t.set_defaults(func=cmd_train)
@@ -1177,7 +1132,6 @@ def add_evaluation(sub):
     s.add_argument("--save-dir", metavar="DIR", help="write metrics.json, confusion_matrix.png and mistakes.png to DIR (default: none)")
     s.add_argument("--mistakes", type=number(int, 1), default=32,
                    help="how many mistakes mistakes.png shows (default: %(default)s)")
-    s.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images (default: off)")
     s.add_argument("--labels", choices=["fer2013", "ferplus"], default="fer2013",
                    help="score against the folders' (FER2013's) labels, or against the FER+ crowd majority "
                         "(more than half of ten votes) of each face that the manifest gives one, matched by class and "
@@ -1187,19 +1141,10 @@ def add_evaluation(sub):
     s.set_defaults(func=cmd_test)
 
 
-def add_export(sub):
-    """`export`: weights only, for shipping."""
-    e = sub.add_parser("export", help="a weights-only checkpoint for shipping (float16 with --half)", **FMT)
-    e.add_argument("--checkpoint", required=True, help="a .pt file written by train")
-    e.add_argument("--out", required=True, help="the file to write")
-    e.add_argument("--half", action="store_true", help="store weights in float16, half the size (default: float32)")
-    e.set_defaults(func=cmd_export)
-
-
 def build_parser():
     p = Parser(prog="fer.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
-    for add in (add_train, add_evaluation, add_export):
+    for add in (add_train, add_evaluation):
         add(sub)
     return p
 

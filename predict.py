@@ -140,19 +140,26 @@ def face_image(path, photo, box, size, in_channels):
     return read_image(path, size, in_channels) if box is None else crop_face(photo, box, size, in_channels)
 
 
-def read_faces(files, cascade, detect, inputs):
+def read_faces(files, cascade, detect, inputs, skip_bad=False):
     """(file, box) of every face predict classifies, and their images decoded for each
-    input of the members: {(size, channels): N x C x S x S uint8}."""
-    faces, images = [], {key: [] for key in inputs}
+    input of the members: {(size, channels): N x C x S x S uint8}. A picture that cannot
+    be decoded stops predict, or with --skip-bad-images is left out and counted."""
+    faces, images, bad = [], {key: [] for key in inputs}, []
     for f in files:
         try:
             photo, boxes = faces_to_classify(f, cascade, detect)
-            for key in images:
-                images[key] += [face_image(f, photo, box, *key) for box in boxes]
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise FerError(f"cannot read image {f} ({e}); remove it or give only image files") from None
+            decoded = {key: [face_image(f, photo, box, *key) for box in boxes] for key in images}
+        except fer.UNREADABLE as e:
+            if not skip_bad:
+                raise FerError(f"cannot read image {f} ({e}); remove it, or pass --skip-bad-images") from None
+            bad.append(f)
+            continue
+        for key in images:
+            images[key] += decoded[key]
         faces += [(f, box) for box in boxes]
-    check_faces_found(files, faces)
+    if bad:
+        note(f"skipped {len(bad)} unreadable image(s), first {bad[0]}")
+    check_faces_found([f for f in files if f not in bad], faces)
     return faces, {key: torch.stack(v) for key, v in images.items()}
 
 
@@ -206,7 +213,7 @@ def cmd_predict(args):
     cascade = face_detector(args.detect)  # and so does --detect without OpenCV
     rt, members = fer.evaluation_setup(args)
     classes = members[0].ckpt["classes"]
-    faces, images = read_faces(files, cascade, args.detect, member_inputs(members))
+    faces, images = read_faces(files, cascade, args.detect, member_inputs(members), args.skip_bad_images)
     probs, _ = ensemble_probs(members, images, rt, args.batch_size, args.tta)
     results = prediction_rows(faces, probs, classes, args.top)
     log_prediction_table(results, classes)
@@ -257,6 +264,7 @@ def build_parser():
     r.add_argument("--tta", **fer.TTA)
     r.add_argument("--batch-size", type=number(int, 1), default=128, help="(default: %(default)s)")
     r.add_argument("--json", metavar="PATH", help="also write the predictions as JSON to PATH (default: print only)")
+    r.add_argument("--skip-bad-images", **fer.SKIP_BAD)
     fer.runtime_options(r)
     r.set_defaults(device="cpu")
     return r

@@ -13,6 +13,8 @@ import torch.distributed as dist
 
 from common import FerError
 
+# Progress: a terminal's line is redrawn a few times a second; a log gets a line every 30 s.
+REDRAW_EVERY, LOG_EVERY = 0.2, 30.0
 
 def log(*args):
     """Print from one process only (rank 0 under torchrun), unbuffered."""
@@ -117,29 +119,36 @@ def describe_cpu():
 
 
 class Progress:
-    """One line inside the epoch (step, images/s, running loss, time left), rewritten
-    in place with a carriage return; only on a terminal, so logs and CI get none."""
+    """Where a long epoch has got to (step, images/s, running loss, time left). On a
+    terminal, one line rewritten in place a few times a second; elsewhere (a log file,
+    CI), a plain line every LOG_EVERY seconds, so a log shows the run is alive without
+    filling up, and nothing for epochs shorter than that."""
 
     def __init__(self, steps, batch_size, stream=None):
         self.stream = stream or sys.stdout
-        self.on = self.stream.isatty() and (not dist.is_initialized() or dist.get_rank() == 0)
+        self.tty = self.stream.isatty()
+        self.on = not dist.is_initialized() or dist.get_rank() == 0
         self.steps, self.batch_size = steps, batch_size
         self.t0 = self.shown = time.time()
         self.width = 0
 
     def update(self, step, mean_loss):
         now = time.time()
-        if not self.on or (now - self.shown < 0.2 and step < self.steps):  # a few redraws a second
+        due = now - self.shown >= (REDRAW_EVERY if self.tty else LOG_EVERY) or (self.tty and step == self.steps)
+        if not self.on or not due:
             return
         elapsed, self.shown = now - self.t0, now
         text = (f"  step {step}/{self.steps}  {step * self.batch_size / elapsed:6.0f} img/s  "
                 f"loss {mean_loss:.4f}  {elapsed / step * (self.steps - step):4.0f} s left in the epoch")
-        self.width = max(self.width, len(text))
-        self.stream.write("\r" + text.ljust(self.width))
+        if not self.tty:
+            self.stream.write(text + "\n")
+        else:
+            self.width = max(self.width, len(text))
+            self.stream.write("\r" + text.ljust(self.width))
         self.stream.flush()
 
     def close(self):
-        """Blank the line, so the epoch's own line is printed on a clean one."""
-        if self.on and self.width:
+        """Blank the terminal's line, so the epoch's own line is printed on a clean one."""
+        if self.on and self.tty and self.width:
             self.stream.write("\r" + " " * self.width + "\r")
             self.stream.flush()

@@ -1,14 +1,18 @@
 """Shared fixtures: the repository on sys.path, tiny image folders written by the
-tests, and fer.py run in this process or in a subprocess.
+tests, and the scripts (fer.py, predict.py, bench.py, prepare.py) run in this
+process or in a subprocess. Every helper that runs a script takes its file name
+first: `main_in_process("predict.py", face, "--checkpoint", ckpt)`,
+`run_script("prepare.py", src, "--out", out)`, `call_main("fer.py", "train", ...)`.
 
 `python -m pytest -q` runs the quick tests (under a minute on two cores);
 `python -m pytest -q -m slow` runs exactly the ones marked `slow`: long runs,
 resume bit-exactness, the data in ../shared, torchrun, and each bad-input case
-once more as `python fer.py` in a subprocess.
+once more as `python <script>` in a subprocess.
 """
 import contextlib
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +23,13 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import fer  # noqa: E402  (needs ROOT on sys.path)
+import bench  # noqa: E402  (needs ROOT on sys.path)
+import fer  # noqa: E402
+import predict  # noqa: E402
+import prepare  # noqa: E402
 
+# Each script of the repository and the module whose main(ARGS) runs it in this process.
+SCRIPTS = {"fer.py": fer, "predict.py": predict, "bench.py": bench, "prepare.py": prepare}
 CLASSES = ("angry", "happy", "sad")
 
 
@@ -53,18 +62,19 @@ def tiny_data(tmp_path_factory):
     return root
 
 
-def exit_status(args):
-    """fer.main(ARGS)'s exit status: 0, or the one it exits with."""
+def exit_status(script, args):
+    """SCRIPT's main(ARGS) in this process (SCRIPT: "fer.py", "predict.py", ...): its
+    exit status, 0 or the one it exits with."""
     try:
-        fer.main([str(a) for a in args])
+        SCRIPTS[script].main([str(a) for a in args])
         return 0
     except SystemExit as e:
         return e.code
 
 
-def main_in_process(*args, cwd=None):
-    """fer.main(ARGS) in this process, as `run_fer` runs it in a subprocess (one
-    thread unless --threads says otherwise, in `cwd`): (exit status, stdout,
+def main_in_process(script, *args, cwd=None):
+    """SCRIPT's main(ARGS) in this process, as `run_script` runs it in a subprocess
+    (one thread unless --threads says otherwise, in `cwd`): (exit status, stdout,
     stderr). An exception other than SystemExit escapes, and fails the test, as a
     traceback would. For fixtures wider than a test, where capsys cannot be used."""
     out, err = io.StringIO(), io.StringIO()
@@ -74,7 +84,7 @@ def main_in_process(*args, cwd=None):
         if cwd is not None:
             os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = exit_status(args)
+            code = exit_status(script, args)
     finally:
         os.chdir(here)
         torch.set_num_threads(threads)
@@ -83,6 +93,17 @@ def main_in_process(*args, cwd=None):
         else:
             os.environ["OMP_NUM_THREADS"] = env
     return code, out.getvalue(), err.getvalue()
+
+
+def assert_error(code, err, *needles, status=2, prog="fer.py"):
+    """Exit `status`, no traceback, and one line on stderr, from `prog` (`fer.py
+    COMMAND`, `predict.py`, `bench.py`, `prepare.py`), naming every needle."""
+    assert code == status, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and re.match(re.escape(prog) + r"( [a-z]+)?: (error: |interrupted)", lines[0]), err
+    for needle in needles:
+        assert str(needle) in err, f"{needle!r} not in {err!r}"
 
 
 # The networks' settings of the quick runs: the smallest input resnet34 takes.
@@ -97,24 +118,25 @@ def tiny_run(tiny_data, tmp_path_factory):
     --no-amp: bfloat16 autocast on CPU has blown 4-image batches up to NaN weights,
     which is not what the tests that predict with it check."""
     out = tmp_path_factory.mktemp("tiny_run")
-    code, stdout, err = main_in_process("train", "--data", tiny_data, *FAST, "--epochs", "2", "--no-amp",
+    code, stdout, err = main_in_process("fer.py", "train", "--data", tiny_data, *FAST, "--epochs", "2", "--no-amp",
                                         "--threads", "1", "--out", out)
     assert code == 0, err
     return out, stdout
 
 
 @pytest.fixture
-def fer_main(capsys, monkeypatch):
-    """fer.main(ARGS) in this process: (exit status, stdout, stderr). One thread
-    unless --threads says otherwise, as in `run_fer`'s subprocess: two threads
-    spinning against another process on a busy two-core machine run many times slower."""
+def call_main(capsys, monkeypatch):
+    """call_main(SCRIPT, *ARGS): SCRIPT's main(ARGS) in this process, (exit status,
+    stdout, stderr). One thread unless --threads says otherwise, as in `run_script`'s
+    subprocess: two threads spinning against another process on a busy two-core
+    machine run many times slower."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
-    def call(*args):
+    def call(script, *args):
         capsys.readouterr()
-        threads = torch.get_num_threads()  # fer.main sets them for its run
+        threads = torch.get_num_threads()  # main sets them for its run
         try:
-            code = exit_status(args)
+            code = exit_status(script, args)
         finally:
             torch.set_num_threads(threads)
         out, err = capsys.readouterr()
@@ -128,22 +150,23 @@ torch.set_num_threads(1)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def run_fer(*args, cwd=None, timeout=300):
-    """`python fer.py ARGS` in a subprocess, as a user runs it."""
-    return subprocess.run([sys.executable, str(ROOT / "fer.py"), *map(str, args)], cwd=cwd, env=ENV,
+def run_script(script, *args, cwd=None, timeout=300, env=None):
+    """`python SCRIPT ARGS` in a subprocess, as a user runs it (SCRIPT: "fer.py",
+    "predict.py", "bench.py" or "prepare.py", from the repository root)."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env or ENV,
                           capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(params=["in_process", pytest.param("subprocess", marks=pytest.mark.slow)])
-def fer_cli(request):
-    """fer.py ARGS, both ways: in this process (quick, by default) and as `python
-    fer.py` in a subprocess (marked slow: starting Python and torch costs seconds on
-    a small CPU), so the subprocess also shows the exit status and stderr a user
-    sees. Returns (exit status, stdout, stderr)."""
+def cli(request):
+    """cli(SCRIPT, *ARGS), both ways: SCRIPT's main(ARGS) in this process (quick, by
+    default) and `python SCRIPT ARGS` in a subprocess (marked slow: starting Python
+    and torch costs seconds on a small CPU), so the subprocess also shows the exit
+    status and stderr a user sees. Returns (exit status, stdout, stderr)."""
     if request.param == "in_process":
         return main_in_process
 
-    def call(*args, cwd=None):
-        r = run_fer(*args, cwd=cwd)
+    def call(script, *args, cwd=None):
+        r = run_script(script, *args, cwd=cwd)
         return r.returncode, r.stdout, r.stderr
     return call

@@ -20,7 +20,7 @@ def members(tiny_run, tiny_data, tmp_path_factory):
     """Two checkpoints of the same classes and validation split: 32 px and 40 px."""
     out = tmp_path_factory.mktemp("member40")
     args = dict(zip(FAST[::2], FAST[1::2]), **{"--image-size": "40"})
-    code, _, err = main_in_process("train", "--data", tiny_data, *sum(args.items(), ()), "--epochs", "2",
+    code, _, err = main_in_process("fer.py", "train", "--data", tiny_data, *sum(args.items(), ()), "--epochs", "2",
                                    "--no-amp", *THREADS, "--out", out)
     assert code == 0, err
     return tiny_run[0] / "best.pt", out / "best.pt"
@@ -36,7 +36,7 @@ def changed(path, dest, change):
 
 def predict_json(tmp_path, name, paths, *checkpoints):
     out = tmp_path / f"{name}.json"
-    code, _, err = main_in_process("predict", *paths, "--checkpoint", *checkpoints, "--tta", "flip",
+    code, _, err = main_in_process("predict.py", *paths, "--checkpoint", *checkpoints, "--tta", "flip",
                                    "--json", out, *THREADS)
     assert code == 0, err
     return json.loads(out.read_text())
@@ -61,9 +61,9 @@ def test_predict_averages_the_members_each_at_its_own_size(members, tiny_data, t
 def test_json_gives_the_ensembles_metrics_and_each_members(command, members, tiny_data, tmp_path):
     a, b = members
     data = () if command == "validate" else ("--data", tiny_data)
-    code, _, err = main_in_process(command, "--checkpoint", a, *data, *THREADS, "--json", tmp_path / "a.json")
+    code, _, err = main_in_process("fer.py", command, "--checkpoint", a, *data, *THREADS, "--json", tmp_path / "a.json")
     assert code == 0, err
-    code, out, err = main_in_process(command, "--checkpoint", a, b, *data, *THREADS, "--json", tmp_path / "ab.json")
+    code, out, err = main_in_process("fer.py", command, "--checkpoint", a, b, *data, *THREADS, "--json", tmp_path / "ab.json")
     assert code == 0, err
     alone, both = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("a", "ab"))
     assert "an ensemble of 2" in out and f"  {b}: resnet34 epoch" in out  # a line per member
@@ -78,43 +78,43 @@ def test_json_gives_the_ensembles_metrics_and_each_members(command, members, tin
 
 @pytest.mark.parametrize("how", ["order", "names"])
 @pytest.mark.parametrize("command", ["validate", "test", "predict"])
-def test_members_of_other_classes_are_refused(command, how, members, tiny_data, tmp_path, fer_main):
+def test_members_of_other_classes_are_refused(command, how, members, tiny_data, tmp_path, call_main):
     a, _ = members
     classes = ["happy", "angry", "sad"] if how == "order" else ["angry", "happy", "sadness"]
     other = changed(a, tmp_path / "other.pt", lambda c: c.update(classes=classes))
     paths, data = ((tiny_data / "test",), ()) if command == "predict" else ((), ("--data", tiny_data))
-    code, _, err = fer_main(command, *paths, "--checkpoint", a, other, *data, *THREADS)
+    code, _, err = call_main("fer.py", command, *paths, "--checkpoint", a, other, *data, *THREADS)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert f"{other} was trained on classes {classes}" in err and "same classes in the same order" in err
 
 
-def test_validate_refuses_members_of_other_splits_and_test_takes_them(members, tiny_data, tmp_path, fer_main):
+def test_validate_refuses_members_of_other_splits_and_test_takes_them(members, tiny_data, tmp_path, call_main):
     a, _ = members
     other = changed(a, tmp_path / "split1.pt", lambda c: c["args"].update(split_seed=1))
-    code, _, err = fer_main("validate", "--checkpoint", a, other, *THREADS)
+    code, _, err = call_main("fer.py", "validate", "--checkpoint", a, other, *THREADS)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "with split seed 0" in err and "with split seed 1" in err, err
     assert "same --data, --val-fraction and --split-seed" in err
-    assert fer_main("test", "--checkpoint", a, other, "--data", tiny_data, *THREADS)[0] == 0
+    assert call_main("fer.py", "test", "--checkpoint", a, other, "--data", tiny_data, *THREADS)[0] == 0
 
 
-def test_seeds_share_the_split_and_old_runs_split_by_their_seed(members, tmp_path, fer_main):
+def test_seeds_share_the_split_and_old_runs_split_by_their_seed(members, tmp_path, call_main):
     """--seed moves the initialisation and the batches, not the validation faces: runs
     of other seeds validate as one ensemble. Runs saved before --split-seed existed
     split by --seed, and are read so."""
     a, _ = members
     seed1 = changed(a, tmp_path / "seed1.pt", lambda c: c["args"].update(seed=1))
-    assert fer_main("validate", "--checkpoint", a, seed1, *THREADS)[0] == 0
+    assert call_main("fer.py", "validate", "--checkpoint", a, seed1, *THREADS)[0] == 0
     old = changed(a, tmp_path / "old.pt", lambda c: (c["args"].pop("split_seed"), c["args"].update(seed=1)))
-    code, _, err = fer_main("validate", "--checkpoint", a, old, *THREADS)
+    code, _, err = call_main("fer.py", "validate", "--checkpoint", a, old, *THREADS)
     assert code == 2 and "with split seed 1" in err, err
 
 
-def test_predict_says_where_the_paths_go(members, tiny_data, fer_main):
+def test_predict_says_where_the_paths_go(members, tiny_data, call_main):
     """--checkpoint takes every path after it, so the images go first."""
-    code, _, err = fer_main("predict", "--checkpoint", members[0], tiny_data / "test", *THREADS)
+    code, _, err = call_main("predict.py", "--checkpoint", members[0], tiny_data / "test", *THREADS)
     assert code == 2 and "no image files or folders given; give them before --checkpoint" in err, err
     # an image after --checkpoint is named, before any checkpoint is read
     face = next((tiny_data / "test" / "sad").iterdir())
-    code, _, err = fer_main("predict", face, "--checkpoint", members[0], face, *THREADS)
+    code, _, err = call_main("predict.py", face, "--checkpoint", members[0], face, *THREADS)
     assert code == 2 and f"--checkpoint got the image {face}; it takes every path after it" in err, err

@@ -1,17 +1,20 @@
-"""Bad input, interruptions and untrusted files: the troubleshooting cases 1-9.
+"""Bad input, interruptions and untrusted files: the troubleshooting cases 1-9 and 11,
+and case 12: every script's refusal as a user sees it.
 
 Each case must end with a one-line error on stderr that names the problem and the
 fix, a non-zero exit status, no Python traceback, and no damage to files already
-written. Every case runs `fer.py` in a subprocess at least once: the tests that
-take `fer_cli` run both in this process and as `python fer.py` in a subprocess,
-the subprocess half marked slow (`python -m pytest -q -m slow`), because starting
-Python and torch costs seconds per run on a small, shared CPU; the further variants
-of a case call `fer.main` in this process only (`fer_main`). An exception other
-than SystemExit escaping `fer.main` fails the test, as a traceback would. One
-trained run, made in this process, is shared by the module (conftest's `tiny_run`).
+written. Every case runs its script (`fer.py`, `predict.py`, `bench.py` or
+`prepare.py`) in a subprocess at least once: the tests that take `cli` run both in
+this process and as `python SCRIPT` in a subprocess, the subprocess half marked
+slow (`python -m pytest -q -m slow`), because starting Python and torch costs
+seconds per run on a small, shared CPU; the further variants of a case call the
+script's `main` in this process only (`call_main`). An exception other than
+SystemExit escaping `main` fails the test, as a traceback would. One trained run,
+made in this process, is shared by the module (conftest's `tiny_run`).
 """
 import errno
 import hashlib
+import json
 import os
 import re
 import signal
@@ -26,7 +29,8 @@ import torch.nn as nn
 from PIL import Image
 
 import fer
-from conftest import CLASSES, ENV, FAST, ROOT, main_in_process, run_fer, write_faces
+import predict
+from conftest import CLASSES, ENV, FAST, ROOT, SCRIPTS, assert_error, main_in_process, run_script, write_faces
 
 EPOCHS = 2  # the shared run, conftest's `tiny_run`
 # Case 7 interrupts a run of three epochs after epoch 1 and compares it with an
@@ -37,16 +41,6 @@ RUN_7 = (*FAST, "--epochs", str(EPOCHS_7), "--threads", "1")
 
 # ----------------------------------------------------------------------------
 # Helpers
-
-def assert_error(code, err, *needles, status=2):
-    """Exit `status`, no traceback, and one line on stderr naming every needle."""
-    assert code == status, err
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fer.py "), err
-    for needle in needles:
-        assert str(needle) in err, f"{needle!r} not in {err!r}"
-
 
 def snapshot(folder):
     """Every file under `folder`: size, mtime and SHA-256, to show nothing changed."""
@@ -86,23 +80,30 @@ def ckpt(run):
 # ----------------------------------------------------------------------------
 # 1. --data missing, not a folder, or without train/ (test/ for `test`)
 
-def test_1_data_missing(tmp_path, fer_cli):
-    code, _, err = fer_cli("train", "--data", tmp_path / "nowhere", "--out", tmp_path / "out", *FAST, "--epochs", "1")
+def test_1_data_missing(tmp_path, cli):
+    code, _, err = cli("fer.py", "train", "--data", tmp_path / "nowhere", "--out", tmp_path / "out", *FAST, "--epochs", "1")
     assert_error(code, err, tmp_path / "nowhere" / "train", "not found", "--data DIR must hold")
     assert not (tmp_path / "out").exists()  # stopped before any work
 
 
-def test_1_data_without_test(run, tmp_path, fer_cli):
+def test_1_data_without_test(run, tmp_path, cli):
     data = faces_with(tmp_path / "data")  # train/ only
     before = snapshot(run)
-    code, _, err = fer_cli("test", "--checkpoint", run / "best.pt", "--data", data)
+    code, _, err = cli("fer.py", "test", "--checkpoint", run / "best.pt", "--data", data)
     assert_error(code, err, data / "test", "not found", "DIR/test/<class>/")
     assert snapshot(run) == before
 
 
-@pytest.mark.parametrize("case", ["file", "no_train", "no_data_option", "test_no_data_option", "validate_no_train",
-                                  "test_missing"])
-def test_1_data_layouts(case, run, tmp_path, fer_main, monkeypatch):
+# fer.py's split_folder still names `python fer.py prepare`, which is gone: prepare is
+# its own script now. Strict: once the hint names prepare.py, drop the mark.
+STALE_PREPARE_HINT = pytest.mark.xfail(strict=True, reason="fer.py split_folder's hint says `python fer.py "
+                                       "prepare`; it should say `python prepare.py` (reported, not a test bug)")
+
+
+@pytest.mark.parametrize("case", ["file", "no_train", pytest.param("no_data_option", marks=STALE_PREPARE_HINT),
+                                  pytest.param("test_no_data_option", marks=STALE_PREPARE_HINT),
+                                  "validate_no_train", "test_missing"])
+def test_1_data_layouts(case, run, tmp_path, call_main, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no data/fer5 here: the default --data is missing
     out = tmp_path / "out"
     only_test = faces_with(tmp_path / "only_test", split="test")
@@ -111,8 +112,10 @@ def test_1_data_layouts(case, run, tmp_path, fer_main, monkeypatch):
     calls = {
         "file": (("train", "--data", a_file, "--out", out, *FAST), (a_file / "train", "not found")),
         "no_train": (("train", "--data", only_test, "--out", out, *FAST), (only_test / "train", "not found")),
-        "no_data_option": (("train", "--out", out, *FAST), ("data/fer5/train not found", "python fer.py prepare")),
-        "test_no_data_option": (("test", "--checkpoint", run / "last.pt"), ("data/fer5/test not found", "prepare")),
+        "no_data_option": (("train", "--out", out, *FAST),
+                           ("data/fer5/train not found", "`python prepare.py FER2013-DOWNLOAD` writes data/fer5")),
+        "test_no_data_option": (("test", "--checkpoint", run / "last.pt"),
+                                ("data/fer5/test not found", "`python prepare.py FER2013-DOWNLOAD` writes data/fer5")),
         "validate_no_train": (("validate", "--checkpoint", run / "last.pt", "--data", only_test),
                               (only_test / "train", "not found", "DIR/train/<class>/")),
         "test_missing": (("test", "--checkpoint", run / "last.pt", "--data", tmp_path / "nowhere"),
@@ -120,22 +123,22 @@ def test_1_data_layouts(case, run, tmp_path, fer_main, monkeypatch):
     }
     args, needles = calls[case]
     before = snapshot(tmp_path)
-    assert_error(*fer_main(*args)[::2], *needles)
+    assert_error(*call_main("fer.py", *args)[::2], *needles)
     assert snapshot(tmp_path) == before and not out.exists()
 
 
 # ----------------------------------------------------------------------------
 # 2. Empty class folders, one class, odd extensions, non-image files
 
-def test_2_one_class(tmp_path, fer_cli):
+def test_2_one_class(tmp_path, cli):
     data = faces_with(tmp_path / "data", classes=("happy",))
-    code, _, err = fer_cli("train", "--data", data, "--out", tmp_path / "out", *FAST)
+    code, _, err = cli("fer.py", "train", "--data", data, "--out", tmp_path / "out", *FAST)
     assert_error(code, err, data / "train", "1 class folder(s)", "at least two")
     assert not list((tmp_path / "out").glob("*.pt"))
 
 
 @pytest.mark.parametrize("case", ["empty_class", "only_text_files", "no_class_folders"])
-def test_2_classes_without_images(case, tmp_path, fer_main):
+def test_2_classes_without_images(case, tmp_path, call_main):
     data = faces_with(tmp_path / "data")
     train = data / "train"
     if case == "empty_class":
@@ -152,11 +155,11 @@ def test_2_classes_without_images(case, tmp_path, fer_main):
             (train / c).rmdir()
         needles = (train, "0 class folder(s)")
     before = snapshot(data)
-    assert_error(*fer_main("train", "--data", data, "--out", tmp_path / "out", *FAST)[::2], *needles)
+    assert_error(*call_main("fer.py", "train", "--data", data, "--out", tmp_path / "out", *FAST)[::2], *needles)
     assert snapshot(data) == before
 
 
-def test_2_odd_extensions_load_and_other_files_are_ignored(tmp_path, fer_cli):
+def test_2_odd_extensions_load_and_other_files_are_ignored(tmp_path, cli):
     """.JPG, .jpeg, .PNG, .bmp, .WebP ... all load; README.txt and the like are
     skipped, and counted."""
     data = faces_with(tmp_path / "data", per_class=6)
@@ -169,7 +172,7 @@ def test_2_odd_extensions_load_and_other_files_are_ignored(tmp_path, fer_cli):
     (data / "train" / "angry" / "README.txt").write_text("where these faces come from\n")
     (data / "train" / "happy" / "notes.md").write_text("# notes\n")
     (data / "train" / "sad" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
-    code, out, err = fer_cli("train", "--data", data, "--out", tmp_path / "out", *FAST, "--epochs", "1")
+    code, out, err = cli("fer.py", "train", "--data", data, "--out", tmp_path / "out", *FAST, "--epochs", "1")
     assert code == 0, err
     assert "Traceback" not in err
     assert f"ignored 3 hidden or non-image file(s) under {data / 'train'}" in out
@@ -180,23 +183,23 @@ def test_2_odd_extensions_load_and_other_files_are_ignored(tmp_path, fer_cli):
 # ----------------------------------------------------------------------------
 # 3. Corrupt or truncated images
 
-def test_3_corrupt_image(tmp_path, fer_cli):
+def test_3_corrupt_image(tmp_path, cli):
     data = faces_with(tmp_path / "data")
     bad = data / "train" / "happy" / "001.jpg"
     bad.write_bytes(b"this is not a JPEG")
     before = snapshot(data)
-    code, _, err = fer_cli("train", "--data", data, "--out", tmp_path / "out", *FAST)
+    code, _, err = cli("fer.py", "train", "--data", data, "--out", tmp_path / "out", *FAST)
     assert_error(code, err, f"cannot read image {bad}", "--skip-bad-images")
     assert snapshot(data) == before and not list((tmp_path / "out").glob("*.pt"))
 
 
-def test_3_truncated_image_names_it_and_skip_goes_on(run, tmp_path, fer_main):
+def test_3_truncated_image_names_it_and_skip_goes_on(run, tmp_path, call_main):
     data = faces_with(tmp_path / "data", split="test", per_class=2, seed=1)
     bad = data / "test" / "sad" / "001.jpg"
     bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 2])
-    assert_error(*fer_main("test", "--checkpoint", run / "best.pt", "--data", data)[::2],
+    assert_error(*call_main("fer.py", "test", "--checkpoint", run / "best.pt", "--data", data)[::2],
                  f"cannot read image {bad}", "truncated", "--skip-bad-images")
-    code, out, err = fer_main("test", "--checkpoint", run / "best.pt", "--data", data, "--skip-bad-images")
+    code, out, err = call_main("fer.py", "test", "--checkpoint", run / "best.pt", "--data", data, "--skip-bad-images")
     assert code == 0, err
     assert f"skipped 1 unreadable image(s), first {bad}" in out
     assert f"on {data / 'test'}: 5 images" in out  # 6 files, the truncated one left out
@@ -205,18 +208,18 @@ def test_3_truncated_image_names_it_and_skip_goes_on(run, tmp_path, fer_main):
 # ----------------------------------------------------------------------------
 # 4. Missing, foreign, truncated checkpoints; another network; other classes
 
-def test_4_truncated_checkpoint(run, tiny_data, tmp_path, fer_cli):
+def test_4_truncated_checkpoint(run, tiny_data, tmp_path, cli):
     cut = tmp_path / "cut.pt"
     cut.write_bytes((run / "best.pt").read_bytes()[:100_000])
     before = snapshot(tmp_path)
-    code, _, err = fer_cli("test", "--checkpoint", cut, "--data", tiny_data)
+    code, _, err = cli("fer.py", "test", "--checkpoint", cut, "--data", tiny_data)
     assert_error(code, err, cut, "not a readable checkpoint", "truncated")
     assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("case", ["missing", "text", "empty", "random_bytes", "tensor", "no_classes",
                                   "weights_of_another_network"])
-def test_4_not_a_checkpoint(case, ckpt, tiny_data, tmp_path, fer_main):
+def test_4_not_a_checkpoint(case, ckpt, tiny_data, tmp_path, call_main):
     path = tmp_path / f"{case}.pt"
     needles = ("not a readable checkpoint",)
     if case == "missing":
@@ -238,31 +241,31 @@ def test_4_not_a_checkpoint(case, ckpt, tiny_data, tmp_path, fer_main):
         torch.save({**{k: v for k, v in ckpt.items() if k != "optimizer"}, "arch": "googlenet"}, path)
         needles = ("do not fit a googlenet network",)
     before = snapshot(tmp_path)
-    assert_error(*fer_main("test", "--checkpoint", path, "--data", tiny_data)[::2], path, *needles)
+    assert_error(*call_main("fer.py", "test", "--checkpoint", path, "--data", tiny_data)[::2], path, *needles)
     assert snapshot(tmp_path) == before
 
 
-def test_4_resume_with_another_network(run, tmp_path, fer_main):
+def test_4_resume_with_another_network(run, tmp_path, call_main):
     before = snapshot(run)
-    assert_error(*fer_main("train", "--resume", run / "last.pt", "--model", "googlenet")[::2],
+    assert_error(*call_main("fer.py", "train", "--resume", run / "last.pt", "--model", "googlenet")[::2],
                  "is a resnet34 checkpoint but --model is googlenet", "drop --model")
     assert snapshot(run) == before
 
 
-def test_4_resume_from_an_export(run, tmp_path, fer_main):
+def test_4_resume_from_an_export(run, tmp_path, call_main):
     exported = tmp_path / "export.pt"
-    assert fer_main("export", "--checkpoint", run / "best.pt", "--out", exported)[0] == 0
+    assert call_main("fer.py", "export", "--checkpoint", run / "best.pt", "--out", exported)[0] == 0
     before = snapshot(tmp_path)
-    assert_error(*fer_main("train", "--resume", exported)[::2], "no training state", "optimizer", "last.pt")
+    assert_error(*call_main("fer.py", "train", "--resume", exported)[::2], "no training state", "optimizer", "last.pt")
     assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("command", ["test", "validate"])
-def test_4_other_classes(command, run, tmp_path, fer_main):
+def test_4_other_classes(command, run, tmp_path, call_main):
     split = "test" if command == "test" else "train"
     data = faces_with(tmp_path / "data", classes=("angry", "happy", "surprise"), split=split, per_class=2)
     before = snapshot(run)
-    assert_error(*fer_main(command, "--checkpoint", run / "best.pt", "--data", data)[::2],
+    assert_error(*call_main("fer.py", command, "--checkpoint", run / "best.pt", "--data", data)[::2],
                  "trained on classes ['angry', 'happy', 'sad']", "has ['angry', 'happy', 'surprise']")
     assert snapshot(run) == before
 
@@ -280,12 +283,12 @@ class Payload:
         return Path.touch, (Path(self.marker),)
 
 
-def test_5_pickled_code_is_refused_and_never_runs(ckpt, tiny_data, tmp_path, fer_cli):
+def test_5_pickled_code_is_refused_and_never_runs(ckpt, tiny_data, tmp_path, cli):
     marker = tmp_path / "code-ran"
     evil = tmp_path / "evil.pt"
     torch.save({**{k: v for k, v in ckpt.items() if k != "optimizer"}, "note": Payload(marker)}, evil)
     before = snapshot(tmp_path)
-    code, _, err = fer_cli("test", "--checkpoint", evil, "--data", tiny_data)
+    code, _, err = cli("fer.py", "test", "--checkpoint", evil, "--data", tiny_data)
     assert_error(code, err, evil, "pickled Python code", "refuses", "none of it ran")
     assert not marker.exists()
     assert snapshot(tmp_path) == before
@@ -297,17 +300,11 @@ def test_5_pickled_code_is_refused_and_never_runs(ckpt, tiny_data, tmp_path, fer
 # ----------------------------------------------------------------------------
 # 6. Options out of range, caught before any work starts
 
-def test_6_image_size_below_minimum(tiny_data, tmp_path, fer_cli):
-    code, _, err = fer_cli("train", "--data", tiny_data, "--out", tmp_path / "out", "--model", "alexnet",
+def test_6_image_size_below_minimum(tiny_data, tmp_path, cli):
+    code, _, err = cli("fer.py", "train", "--data", tiny_data, "--out", tmp_path / "out", "--model", "alexnet",
                            "--image-size", "32", "--epochs", "1")
     assert_error(code, err, "--image-size 32 is below alexnet's minimum of 63", "--image-size 63")
     assert not (tmp_path / "out").exists()
-
-
-def test_6_bench_names_the_size_option_that_is_too_small(fer_main):
-    """bench has two sizes; the error names the one at fault, before anything is built."""
-    code, _, err = fer_main("bench", "--model", "alexnet", "--report-size", "48")
-    assert_error(code, err, "--report-size 48 is below alexnet's minimum of 63", "--report-size 63")
 
 
 @pytest.mark.parametrize("options, needle", [
@@ -329,25 +326,41 @@ def test_6_bench_names_the_size_option_that_is_too_small(fer_main):
     (("--ema", "1"), "--ema: 1 is out of range (must be > 0 and < 1)"),
     (("--ema", "0"), "--ema: 0 is out of range (must be > 0 and < 1)"),
 ])
-def test_6_options_out_of_range(options, needle, tiny_data, tmp_path, fer_main):
+def test_6_options_out_of_range(options, needle, tiny_data, tmp_path, call_main):
     args = dict(zip(FAST[::2], FAST[1::2]))
     args.update(zip(options[::2], options[1::2]))
-    code, _, err = fer_main("train", "--data", tiny_data, "--out", tmp_path / "out", *sum(args.items(), ()))
+    code, _, err = call_main("fer.py", "train", "--data", tiny_data, "--out", tmp_path / "out", *sum(args.items(), ()))
     assert_error(code, err, needle)
     assert not (tmp_path / "out").exists()  # stopped before any work: not even --out was made
 
 
-@pytest.mark.parametrize("command", ["test", "validate", "predict"])
-def test_6_evaluation_options_out_of_range(command, run, tiny_data, fer_main):
+# (script, what comes before its options): validate and test are fer.py's, predict is a script
+EVALUATIONS = {"test": ("fer.py", ("test",)), "validate": ("fer.py", ("validate",)),
+               "predict": ("predict.py", ())}
+
+
+@pytest.mark.parametrize("command", sorted(EVALUATIONS))
+def test_6_evaluation_options_out_of_range(command, run, tiny_data, call_main):
+    script, lead = EVALUATIONS[command]
     paths = (tiny_data / "test",) if command == "predict" else ()
-    code, _, err = fer_main(command, *paths, "--checkpoint", run / "best.pt", "--batch-size", "0")
-    assert_error(code, err, "--batch-size: 0 is out of range")
+    code, _, err = call_main(script, *lead, *paths, "--checkpoint", run / "best.pt", "--batch-size", "0")
+    assert_error(code, err, "--batch-size: 0 is out of range", prog=script)
+
+
+@pytest.mark.parametrize("command", sorted(EVALUATIONS))
+def test_6_workers_belongs_to_train_and_bench_only(command, run, tiny_data, call_main):
+    """--workers feeds the report's PIL pipeline, which only `train` and bench.py run:
+    validate, test and predict refuse it as an option they do not have."""
+    script, lead = EVALUATIONS[command]
+    paths = (tiny_data / "test",) if command == "predict" else ()
+    code, _, err = call_main(script, *lead, *paths, "--checkpoint", run / "best.pt", "--workers", "0")
+    assert_error(code, err, "unrecognized arguments: --workers 0", prog=script)
 
 
 # ----------------------------------------------------------------------------
 # 7. Ctrl-C during training; --resume ends with the weights of an uninterrupted run
 
-def test_7_interrupt_keeps_the_checkpoints_and_says_how_to_resume(tiny_data, tmp_path, monkeypatch, fer_main):
+def test_7_interrupt_keeps_the_checkpoints_and_says_how_to_resume(tiny_data, tmp_path, monkeypatch, call_main):
     """The quick half of case 7, in this process: Ctrl-C (KeyboardInterrupt) in the
     second epoch ends with status 130, one line naming last.pt and the --resume
     command, and the first epoch's checkpoints intact. The real SIGINT, and the
@@ -362,7 +375,7 @@ def test_7_interrupt_keeps_the_checkpoints_and_says_how_to_resume(tiny_data, tmp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fer, "train_one_epoch", interrupted)
-    code, _, err = fer_main("train", "--data", tiny_data, "--out", out, *FAST, "--epochs", "2", "--threads", "1")
+    code, _, err = call_main("fer.py", "train", "--data", tiny_data, "--out", out, *FAST, "--epochs", "2", "--threads", "1")
     assert_error(code, err, f"interrupted; {out}/last.pt holds the last completed epoch",
                  f"--resume {out}/last.pt", status=130)
     assert epochs == [1, 2] and not list(out.glob(".*.tmp"))
@@ -373,7 +386,7 @@ def test_7_interrupt_keeps_the_checkpoints_and_says_how_to_resume(tiny_data, tmp
 @pytest.mark.slow  # a real SIGINT needs a process of its own; three runs
 def test_7_ctrl_c_keeps_checkpoints_and_resume_matches(tiny_data, tmp_path):
     uninterrupted = tmp_path / "full"  # the run that the interrupted and resumed one must reach
-    code, _, err = main_in_process("train", "--data", tiny_data, "--out", uninterrupted, *RUN_7)
+    code, _, err = main_in_process("fer.py", "train", "--data", tiny_data, "--out", uninterrupted, *RUN_7)
     assert code == 0 and fer.load_checkpoint(uninterrupted / "last.pt")["epoch"] == EPOCHS_7, err
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(ROOT / "fer.py"), "train", "--data", str(tiny_data),
@@ -403,7 +416,7 @@ def test_7_ctrl_c_keeps_checkpoints_and_resume_matches(tiny_data, tmp_path):
     assert 1 <= cut["epoch"] < EPOCHS_7
     fer.load_checkpoint(out / "best.pt")
 
-    r = run_fer("train", "--resume", out / "last.pt", "--threads", "1", cwd=tmp_path)
+    r = run_script("fer.py", "train", "--resume", out / "last.pt", "--threads", "1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert f"resuming from {out / 'last.pt'} after epoch {cut['epoch']} of {EPOCHS_7}" in r.stdout
     full = fer.load_checkpoint(uninterrupted / "last.pt")["state_dict"]
@@ -416,10 +429,10 @@ def test_7_ctrl_c_keeps_checkpoints_and_resume_matches(tiny_data, tmp_path):
 # ----------------------------------------------------------------------------
 # 8. A loss that becomes NaN or infinite
 
-def test_8_diverging_loss_stops_and_keeps_the_last_good_checkpoint(run, tiny_data, tmp_path, fer_cli):
+def test_8_diverging_loss_stops_and_keeps_the_last_good_checkpoint(run, tiny_data, tmp_path, cli):
     out = link_run(run, tmp_path / "out")  # a previous run's checkpoints in the same --out
     before = snapshot(out)
-    code, _, err = fer_cli("train", "--data", tiny_data, "--out", out, *FAST, "--epochs", "2", "--lr", "1e30")
+    code, _, err = cli("fer.py", "train", "--data", tiny_data, "--out", out, *FAST, "--epochs", "2", "--lr", "1e30")
     assert_error(code, err, "at epoch 1 step ", "training diverged", "lower --lr", "peak is 1e+30; try 1e+29")
     assert re.search(r"the loss became (nan|inf|-inf) at epoch 1 step \d+/5", err), err
     assert snapshot(out) == before
@@ -441,24 +454,24 @@ def test_8_non_finite_weights_are_never_saved():
 # ----------------------------------------------------------------------------
 # 9. Output folder not writable; disk full while saving
 
-def test_9_out_not_a_folder(tiny_data, tmp_path, fer_cli):
+def test_9_out_not_a_folder(tiny_data, tmp_path, cli):
     blocker = tmp_path / "runs"
     blocker.write_text("a file where the output folder should go\n")
     before = snapshot(tmp_path)
-    code, _, err = fer_cli("train", "--data", tiny_data, "--out", blocker / "resnet34", *FAST)
+    code, _, err = cli("fer.py", "train", "--data", tiny_data, "--out", blocker / "resnet34", *FAST)
     assert_error(code, err, f"cannot create --out folder {blocker / 'resnet34'}", "Not a directory",
                  "choose another --out")
     assert snapshot(tmp_path) == before
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
-def test_9_disk_full_keeps_the_previous_checkpoint(run, tiny_data, tmp_path, fer_cli):
+def test_9_disk_full_keeps_the_previous_checkpoint(run, tiny_data, tmp_path, cli):
     """A real ENOSPC while training saves: the temporary file that fer.py writes
     before renaming it over last.pt is a link to /dev/full."""
     out = link_run(run, tmp_path / "out")  # the previous run's checkpoints
     before = snapshot(out)
     (out / ".last.pt.tmp").symlink_to("/dev/full")
-    code, stdout, err = fer_cli("train", "--data", tiny_data, "--out", out, *FAST, "--epochs", "1", "--threads", "1")
+    code, stdout, err = cli("fer.py", "train", "--data", tiny_data, "--out", out, *FAST, "--epochs", "1", "--threads", "1")
     assert_error(code, err, f"cannot write checkpoint {out / 'last.pt'}", "No space left on device",
                  "free disk space")
     assert "epoch   1/1" in stdout  # it failed while saving, not before
@@ -486,33 +499,33 @@ def test_9_disk_full_in_save_checkpoint(ckpt, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["export_out", "train_out", "save_dir", "json"])
-def test_9_outputs_below_a_regular_file(case, run, tiny_data, tmp_path, fer_main):
+def test_9_outputs_below_a_regular_file(case, run, tiny_data, tmp_path, call_main):
     blocker = tmp_path / "results"
     blocker.write_text("a file\n")
     before = snapshot(tmp_path)
     if case == "export_out":
-        result = fer_main("export", "--checkpoint", run / "best.pt", "--out", blocker / "model.pt")
+        result = call_main("fer.py", "export", "--checkpoint", run / "best.pt", "--out", blocker / "model.pt")
         needles = (f"cannot create --out folder {blocker} (a file has that name)", "choose another --out")
     elif case == "train_out":
-        result = fer_main("train", "--data", tiny_data, "--out", blocker, *FAST)
+        result = call_main("fer.py", "train", "--data", tiny_data, "--out", blocker, *FAST)
         needles = (f"cannot create --out folder {blocker} (a file has that name)", "choose another --out")
     elif case == "save_dir":
-        result = fer_main("test", "--checkpoint", run / "best.pt", "--data", tiny_data, "--save-dir", blocker / "x")
+        result = call_main("fer.py", "test", "--checkpoint", run / "best.pt", "--data", tiny_data, "--save-dir", blocker / "x")
         needles = (f"cannot create --save-dir folder {blocker / 'x'}", "Not a directory")
     else:
-        result = fer_main("test", "--checkpoint", run / "best.pt", "--data", tiny_data, "--json", blocker / "m.json")
+        result = call_main("fer.py", "test", "--checkpoint", run / "best.pt", "--data", tiny_data, "--json", blocker / "m.json")
         needles = (f"cannot write {blocker / 'm.json'}", "Not a directory")
     assert_error(*result[::2], *needles)
     assert snapshot(tmp_path) == before
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders anyway")
-def test_9_read_only_out_folder(tiny_data, tmp_path, fer_main):
+def test_9_read_only_out_folder(tiny_data, tmp_path, call_main):
     out = tmp_path / "out"
     out.mkdir()
     out.chmod(0o500)
     try:
-        assert_error(*fer_main("train", "--data", tiny_data, "--out", out, *FAST)[::2],
+        assert_error(*call_main("fer.py", "train", "--data", tiny_data, "--out", out, *FAST)[::2],
                      f"--out folder {out} is not writable", "choose another --out")
     finally:
         out.chmod(0o700)
@@ -525,25 +538,105 @@ DETECT_NEEDLES = ("--detect needs the face cascades of OpenCV 4, which are not i
                   'pip install "opencv-python-headless<5"', "leave out --detect")
 
 
-def test_11_detect_without_opencv_says_what_to_install(monkeypatch, fer_main):
+def test_11_detect_without_opencv_says_what_to_install(monkeypatch, call_main):
     monkeypatch.setitem(sys.modules, "cv2", None)  # `import cv2` fails, whether or not OpenCV is installed
-    code, out, err = fer_main("predict", "--detect", ROOT / "samples" / "happy_1.png")
-    assert_error(code, err, *DETECT_NEEDLES)
+    code, out, err = call_main("predict.py", "--detect", ROOT / "samples" / "happy_1.png")
+    assert_error(code, err, *DETECT_NEEDLES, prog="predict.py")
     assert out == ""  # before the model loads
 
 
 @pytest.mark.slow
 def test_11_detect_without_opencv_in_a_subprocess(tmp_path):
     (tmp_path / "cv2.py").write_text("raise ImportError('no OpenCV here')\n")  # shadows an installed one
-    r = subprocess.run([sys.executable, str(ROOT / "fer.py"), "predict", "--detect", str(ROOT / "samples" / "happy_1.png")],
-                       env={**ENV, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True, timeout=300)
-    assert_error(r.returncode, r.stderr, *DETECT_NEEDLES)
+    r = run_script("predict.py", "--detect", ROOT / "samples" / "happy_1.png", env={**ENV, "PYTHONPATH": str(tmp_path)})
+    assert_error(r.returncode, r.stderr, *DETECT_NEEDLES, prog="predict.py")
 
 
-def test_11_a_photo_without_a_face_is_not_classified(run, tmp_path, fer_cli):
+def test_11_a_photo_without_a_face_is_not_classified(run, tmp_path, cli):
     pytest.importorskip("cv2")
     Image.new("RGB", (640, 360), (90, 120, 150)).save(tmp_path / "empty.png")
-    code, out, err = fer_cli("predict", tmp_path / "empty.png", "--checkpoint", run / "best.pt", "--threads", "1")
+    code, out, err = cli("predict.py", tmp_path / "empty.png", "--checkpoint", run / "best.pt", "--threads", "1")
     assert_error(code, err, f"no face found in {tmp_path / 'empty.png'}", "give photos of frontal faces",
-                 "--no-detect to classify whole pictures")
+                 "--no-detect to classify whole pictures", prog="predict.py")
     assert out == ""
+
+
+# ----------------------------------------------------------------------------
+# 12. Every script, as a user runs it: a refusal is one line, `PROG: error: WHAT; HOW`,
+# exit status 2, no traceback; and no module of the repository is imported twice
+
+# What a refusal prints: the program, what is wrong, and (after "; ") how to fix it.
+REFUSAL = re.compile(r"(?P<prog>fer\.py [a-z]+|predict\.py|bench\.py|prepare\.py): error: "
+                     r"(?P<what>[^;\n]+); (?P<how>[^\n]+)\n")
+
+# sitecustomize runs before the script: at exit (sys.exit(2) included), it writes which
+# module each file of the repository was loaded as. A script run as __main__ that one of
+# its imports imported again by name would be there twice (`predict.py` as __main__ and
+# as predict), with two FerError classes: guard's `except FerError` would miss the
+# other one's errors, and the user would see a traceback.
+MODULES_AT_EXIT = """import atexit, json, os, sys
+from pathlib import Path
+
+def dump():
+    root = Path(os.environ["FER_REPO"]).resolve()
+    files = [(name, str(Path(m.__file__).resolve())) for name, m in list(sys.modules.items())
+             if getattr(m, "__file__", None) and Path(m.__file__).resolve().parent == root]
+    Path(os.environ["FER_MODULES"]).write_text(json.dumps(dict(files=files, torch="torch" in sys.modules)))
+
+atexit.register(dump)
+"""
+
+
+def script_refusals(tmp_path):
+    """{case: (script, args, prog, what, how)}: a missing folder or file for each
+    script, and for predict.py also a refusal raised in fer.py (a file that is no
+    checkpoint), which predict.py's guard must catch as its own."""
+    text = tmp_path / "notes.pt"
+    text.write_text("resnet34 weights, see the README\n")
+    face = ROOT / "samples" / "happy_1.png"
+    return {
+        "fer.py": ("fer.py", ("train", "--data", tmp_path / "nowhere", *FAST, "--out", tmp_path / "out"), "fer.py train",
+                   f"{tmp_path / 'nowhere' / 'train'} not found", "--data DIR must hold DIR/train/<class>/"),
+        "predict.py": ("predict.py", (tmp_path / "missing.jpg",), "predict.py",
+                       f"{tmp_path / 'missing.jpg'} does not exist", "give image files or folders of images"),
+        "predict.py, from fer.py": ("predict.py", (face, "--checkpoint", text), "predict.py",
+                                    f"{text} is not a readable checkpoint", "use the .pt file written by"),
+        "bench.py": ("bench.py", ("--data", tmp_path / "nowhere", *FAST, "--steps", "1"), "bench.py",
+                     f"{tmp_path / 'nowhere' / 'train'} is not a folder", "--data DIR needs DIR/train/<class>/"),
+        "prepare.py": ("prepare.py", (tmp_path / "nowhere.csv", "--out", tmp_path / "data"), "prepare.py",
+                       f"{tmp_path / 'nowhere.csv'} does not exist", "give the downloaded fer2013.csv"),
+    }
+
+
+CASES_12 = ["fer.py", "predict.py", "predict.py, from fer.py", "bench.py", "prepare.py"]
+
+
+@pytest.mark.slow  # a Python (and, but for prepare.py, torch) of its own per script
+@pytest.mark.parametrize("case", CASES_12)
+def test_12_a_script_refuses_in_one_line_and_imports_each_module_once(case, tmp_path):
+    script, args, prog, what, how = script_refusals(tmp_path)[case]
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(MODULES_AT_EXIT)
+    env = {**ENV, "PYTHONPATH": str(tmp_path / "site"), "FER_REPO": str(ROOT),
+           "FER_MODULES": str(tmp_path / "modules.json")}
+    r = run_script(script, *args, cwd=tmp_path, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    m = REFUSAL.fullmatch(r.stderr)
+    assert m and m["prog"] == prog, r.stderr
+    assert what in m["what"] and how in m["how"], r.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+    at_exit = json.loads((tmp_path / "modules.json").read_text())
+    loaded = at_exit["files"]
+    files = [f for _, f in loaded]
+    assert len(files) == len(set(files)), loaded  # each file of the repository loaded once
+    assert ["__main__", str(ROOT / script)] in loaded and "common" in dict(loaded)
+    if script == "prepare.py":  # it needs no torch: neither torch nor a module that imports it is loaded
+        assert not at_exit["torch"] and not {"fer", "runtime", "pictures", "nets"} & set(dict(loaded)), at_exit
+
+
+def test_12_one_ferror_class_for_every_module():
+    """The scripts and fer.py raise and catch the same FerError, common's."""
+    import bench, common, ferplus, pictures, prepare, runtime  # noqa: E401, F401
+    assert fer.FerError is common.FerError is predict.FerError is prepare.FerError is runtime.FerError
+    assert ferplus.FerError is common.FerError and bench.fer is fer and predict.fer is fer
+    assert set(SCRIPTS) == set(common.SCRIPTS)

@@ -36,33 +36,33 @@ def test_ferplus_majority_reads_empty_vote_cells_as_no_votes():
     assert fer.ferplus_majority({c: "" for c in VOTES}) == (None, "FER+ has no votes for it")
 
 
-def test_train_on_some_class_folders(tiny_data, tmp_path, fer_main):
+def test_train_on_some_class_folders(tiny_data, tmp_path, call_main):
     out = tmp_path / "run"
-    code, _, err = fer_main("train", "--data", tiny_data, *FAST, "--epochs", "1", "--no-amp", "--threads", "1",
+    code, _, err = call_main("fer.py", "train", "--data", tiny_data, *FAST, "--epochs", "1", "--no-amp", "--threads", "1",
                             "--classes", "sad,angry", "--out", out)
     assert code == 0, err
     ckpt = fer.load_checkpoint(out / "best.pt")
     assert ckpt["classes"] == ["angry", "sad"] and ckpt["args"]["classes"] == ["sad", "angry"]
     assert ckpt["state_dict"]["fc.weight"].shape[0] == 2
     # validate rebuilds the same two-class split from what the checkpoint stores
-    code, out_text, err = fer_main("validate", "--checkpoint", out / "best.pt", "--threads", "1")
+    code, out_text, err = call_main("fer.py", "validate", "--checkpoint", out / "best.pt", "--threads", "1")
     assert code == 0 and "2 images" in out_text, err  # 8 a class, 10% each (at least one)
     # test scores the same classes of the three-class test folder; one without sad/ is refused
-    code, _, err = fer_main("test", "--checkpoint", out / "best.pt", "--data", tiny_data, "--threads", "1",
+    code, _, err = call_main("fer.py", "test", "--checkpoint", out / "best.pt", "--data", tiny_data, "--threads", "1",
                             "--json", tmp_path / "t.json")
     result = json.loads((tmp_path / "t.json").read_text())
     assert code == 0 and result["classes"] == ["angry", "sad"] and sum(map(sum, result["confusion_matrix"])) == 8
     for c in ("angry", "happy"):
         shutil.copytree(tiny_data / "test" / c, tmp_path / "no_sad" / "test" / c)
-    code, _, err = fer_main("test", "--checkpoint", out / "best.pt", "--data", tmp_path / "no_sad", "--threads", "1")
+    code, _, err = call_main("fer.py", "test", "--checkpoint", out / "best.pt", "--data", tmp_path / "no_sad", "--threads", "1")
     assert code == 2 and "has no class folder sad" in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_classes_resume_with_the_run(tiny_data, tmp_path, fer_main):
+def test_classes_resume_with_the_run(tiny_data, tmp_path, call_main):
     out = tmp_path / "run"
-    assert fer_main("train", "--data", tiny_data, *FAST, "--epochs", "2", "--dry-run", "--no-amp",
+    assert call_main("fer.py", "train", "--data", tiny_data, *FAST, "--epochs", "2", "--dry-run", "--no-amp",
                     "--threads", "1", "--classes", "angry,happy", "--out", out)[0] == 0
-    code, text, err = fer_main("train", "--resume", out / "last.pt", "--threads", "1")
+    code, text, err = call_main("fer.py", "train", "--resume", out / "last.pt", "--threads", "1")
     assert code == 0 and "of 2 classes (angry, happy)" in text, err
 
 
@@ -72,8 +72,8 @@ def test_classes_resume_with_the_run(tiny_data, tmp_path, fer_main):
     ("angry,angry", "is not a list of two or more different class folder names"),
     ("angry,,sad", "is not a list of two or more different class folder names"),
 ])
-def test_bad_classes_are_refused_in_one_line(tiny_data, tmp_path, fer_main, value, message):
-    code, _, err = fer_main("train", "--data", tiny_data, *FAST, "--classes", value, "--out", tmp_path / "r")
+def test_bad_classes_are_refused_in_one_line(tiny_data, tmp_path, call_main, value, message):
+    code, _, err = call_main("fer.py", "train", "--data", tiny_data, *FAST, "--classes", value, "--out", tmp_path / "r")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r" / "last.pt").exists()
 
@@ -87,10 +87,10 @@ def write_manifest(path, rows):
             w.writerow({"split": "test", "class": "angry", "sha256": "", "fer2013_row": "", **r})
 
 
-def test_labels_ferplus_scores_the_faces_with_a_clear_majority(tiny_run, tiny_data, tmp_path, fer_main):
+def test_labels_ferplus_scores_the_faces_with_a_clear_majority(tiny_run, tiny_data, tmp_path, call_main):
     ckpt = tiny_run[0] / "best.pt"
     files = sorted((tiny_data / "test").rglob("*.jpg"))
-    assert fer_main("predict", *files, "--checkpoint", ckpt, "--json", tmp_path / "p.json")[0] == 0
+    assert call_main("predict.py", *files, "--checkpoint", ckpt, "--json", tmp_path / "p.json")[0] == 0
     pred = [p["prediction"] for p in json.loads((tmp_path / "p.json").read_text())["predictions"]]
     # The crowd chooses the model's answer on every face but four: one tie, one "not a
     # face", one fear (a class the checkpoint lacks), and one face not in the manifest.
@@ -101,7 +101,7 @@ def test_labels_ferplus_scores_the_faces_with_a_clear_majority(tiny_run, tiny_da
     rows[2].update(votes(fear=10))
     del rows[3]
     write_manifest(tmp_path / "m.csv", rows)
-    code, text, err = fer_main("test", "--checkpoint", ckpt, "--data", tiny_data, "--labels", "ferplus",
+    code, text, err = call_main("fer.py", "test", "--checkpoint", ckpt, "--data", tiny_data, "--labels", "ferplus",
                                "--manifest", tmp_path / "m.csv", "--json", tmp_path / "t.json", "--threads", "1")
     assert code == 0, err
     result = json.loads((tmp_path / "t.json").read_text())
@@ -121,12 +121,12 @@ def test_labels_ferplus_scores_the_faces_with_a_clear_majority(tiny_run, tiny_da
     assert f"for {n - 4} of {n} faces" in text and f"{mistakes} mistakes on all {n}" in text
 
 
-def test_labels_ferplus_refuses_a_manifest_without_votes_or_matches(tiny_run, tiny_data, tmp_path, fer_main):
+def test_labels_ferplus_refuses_a_manifest_without_votes_or_matches(tiny_run, tiny_data, tmp_path, call_main):
     ckpt = tiny_run[0] / "best.pt"
     (tmp_path / "novotes.csv").write_text("split,class,file,sha256,fer2013_row\ntest,angry,x.jpg,,\n")
     write_manifest(tmp_path / "other.csv", [dict(file="PrivateTest_1.jpg", **votes(anger=10))])
     for manifest, message in (("novotes.csv", "has no FER+ votes"), ("other.csv", "none of the 12 test faces")):
-        code, _, err = fer_main("test", "--checkpoint", ckpt, "--data", tiny_data, "--labels", "ferplus",
+        code, _, err = call_main("fer.py", "test", "--checkpoint", ckpt, "--data", tiny_data, "--labels", "ferplus",
                                 "--manifest", tmp_path / manifest, "--threads", "1")
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
@@ -136,8 +136,8 @@ def test_ferplus_votes_that_are_not_numbers_are_refused_in_one_line():
         fer.ferplus_majority({**votes(anger=6), "ferplus_anger": "six", "file": "x.jpg"})
 
 
-def test_labels_fer2013_is_the_default_and_recorded(tiny_run, tiny_data, tmp_path, fer_main):
-    assert fer_main("test", "--checkpoint", tiny_run[0] / "best.pt", "--data", tiny_data,
+def test_labels_fer2013_is_the_default_and_recorded(tiny_run, tiny_data, tmp_path, call_main):
+    assert call_main("fer.py", "test", "--checkpoint", tiny_run[0] / "best.pt", "--data", tiny_data,
                     "--json", tmp_path / "t.json", "--threads", "1")[0] == 0
     assert json.loads((tmp_path / "t.json").read_text())["labels"] == "fer2013"
     assert torch.tensor(json.loads((tmp_path / "t.json").read_text())["confusion_matrix"]).sum() == 12

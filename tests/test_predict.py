@@ -1,27 +1,25 @@
-"""Using a trained model: `predict`, test-time augmentation and `test --save-dir`'s pictures.
+"""predict.py: class probabilities of image files, folders and faces in photos; its
+--checkpoint (one file per use, repeated for an ensemble; the shipped model without
+it); its table, JSON and pictures.
 
-One tiny checkpoint, trained in this process (conftest's `tiny_run`); the CLI runs
-in this process and, for `predict`'s table and JSON, also in a subprocess as a user
-runs it (marked slow: starting Python and torch costs seconds); TTA and the drawing
-functions are checked in-process.
+One tiny checkpoint, trained in this process (conftest's `tiny_run`); predict.py
+runs in this process and, for its table and JSON, also in a subprocess as a user
+runs it (marked slow: starting Python and torch costs seconds).
 """
 import json
-import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageFont
+from PIL import Image
 
-import fer
-import nets
-from conftest import CLASSES, ROOT, main_in_process
+import predict
+from conftest import CLASSES, ROOT, assert_error, main_in_process
 
 # The shared CPU also runs a long training: one thread each, or intra-op threads
 # spinning against it made a one-epoch run 30x slower.
 THREADS = ("--threads", "1")
-FER7 = ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -72,12 +70,12 @@ def images(tmp_path_factory):
     return [root / name for name in files], folder, [folder / "la.png", folder / "sub" / "bw.bmp"]
 
 
-def test_predict_table_and_json(checkpoint, images, tmp_path, fer_cli):
+def test_predict_table_and_json(checkpoint, images, tmp_path, cli):
     files, folder, in_folder = images
     out = tmp_path / "predictions.json"
     # in_folder[1] is also named on its own: one row all the same
     # --no-detect: wide.png and large.jpg are not face crops, which OpenCV, when installed, would search
-    code, stdout, err = fer_cli("predict", *files, folder, in_folder[1], "--checkpoint", checkpoint,
+    code, stdout, err = cli("predict.py", *files, folder, in_folder[1], "--checkpoint", checkpoint,
                                 "--json", out, "--top", "2", "--no-detect", *THREADS)
     assert code == 0, err
     header, *rows = stdout.splitlines()
@@ -104,7 +102,7 @@ def test_predict_table_and_json(checkpoint, images, tmp_path, fer_cli):
 
 def test_predict_tencrop_and_top_above_classes(checkpoint, images, tmp_path):
     out = tmp_path / "p.json"
-    code, _, err = main_in_process("predict", images[0][0], "--checkpoint", checkpoint, "--tta", "tencrop",
+    code, _, err = main_in_process("predict.py", images[0][0], "--checkpoint", checkpoint, "--tta", "tencrop",
                                    "--top", "10", "--json", out, *THREADS)
     assert code == 0, err
     result = json.loads(out.read_text())
@@ -114,93 +112,63 @@ def test_predict_tencrop_and_top_above_classes(checkpoint, images, tmp_path):
 
 def test_find_images(tmp_path, images):
     _, folder, in_folder = images
-    assert fer.find_images([folder, in_folder[0]]) == in_folder
+    assert predict.find_images([folder, in_folder[0]]) == in_folder
     (tmp_path / "empty").mkdir()
-    for path, message in ((tmp_path / "empty", "has no images"), (tmp_path / "missing.jpg", "does not exist")):
-        with pytest.raises(fer.FerError, match=message):
-            fer.find_images([path])
+    for path, message in ((tmp_path / "empty", "has no images"), (tmp_path / "missing.jpg", "does not exist"),
+                          (tmp_path / "b.pt", "is a checkpoint, not a picture; repeat --checkpoint")):
+        with pytest.raises(predict.FerError, match=message):
+            predict.find_images([path])
 
 
-def test_tta_views_shapes():
-    x = torch.rand(2, 3, 32, 24)
-    for mode, count in (("none", 1), ("flip", 2), ("tencrop", 10)):
-        views = fer.tta_views(x, mode)
-        assert len(views) == count and all(v.shape == x.shape for v in views)
-    assert torch.equal(fer.tta_views(x, "flip")[1], x.flip(-1))
-    crops = fer.tta_views(x, "tencrop")
-    assert all(torch.equal(crops[k + 5], crops[k].flip(-1)) for k in range(5))
-    with pytest.raises(fer.FerError, match="tencrop"):
-        fer.tta_views(x, "tencorp")
+# ----------------------------------------------------------------------------
+# --checkpoint: one file per use; repeated, an ensemble; without it, the shipped model
 
-
-def test_flip_on_a_symmetric_image_equals_none():
-    torch.manual_seed(0)
-    model = nets.MODELS["resnet34"](num_classes=3).eval()
-    rt = fer.Runtime(torch.device("cpu"))  # float32: the comparison is exact
-    g = torch.Generator().manual_seed(0)
-    probs = lambda images, tta: fer.predict_probs(model, images, rt, 3, tta)  # noqa: E731
-    h = torch.randint(0, 256, (4, 3, 32, 16), generator=g, dtype=torch.uint8)
-    x = torch.cat([h, h.flip(-1)], -1)  # mirror-symmetric: its flip view is itself
-    assert torch.equal(probs(x, "flip"), probs(x, "none"))
-    # Not because the network is mirror-symmetric (it is not): on an asymmetric image
-    # flip differs from none, and is the mean of the image's and its mirror's softmax.
-    a = torch.randint(0, 256, (4, 3, 32, 32), generator=g, dtype=torch.uint8)
-    assert not torch.allclose(probs(a, "none"), probs(a.flip(-1), "none"), atol=1e-4)
-    torch.testing.assert_close(probs(a, "flip"), (probs(a, "none") + probs(a.flip(-1), "none")) / 2)
-
-
-# The sizes draw_confusion_matrix and draw_mistakes promise, from their defaults.
-def confusion_matrix_size(classes, cell=80, font_size=16):
-    pad, line = 12, round(1.5 * font_size)
-    name = math.ceil(0.6 * font_size * max(4, *map(len, classes)))
-    cell = max(cell, name + 8)
-    note = math.ceil(0.6 * round(0.8 * font_size) * len("colour and %: share of the true class (row)"))
-    return max(pad + name + pad + len(classes) * cell, pad + note) + pad, pad + 3 * line + len(classes) * cell + pad
-
-
-def mistakes_size(shown, tile=128, font_size=14):
-    gap, line = 8, round(1.3 * font_size)
-    cols = min(8, max(4, shown))
-    rows = max(1, math.ceil(shown / cols))
-    return gap + cols * (tile + gap), gap + line + gap + rows * (tile + 2 * line + gap)
-
-
-def test_test_save_dir_writes_metrics_and_pictures(checkpoint, tiny_data, tmp_path):
-    code, _, err = main_in_process("test", "--checkpoint", checkpoint, "--data", tiny_data,
-                                   "--save-dir", tmp_path / "out", "--tta", "flip", "--mistakes", "5", *THREADS)
+def predict_json(call_main, tmp_path, *args):
+    """predict.py ARGS --json: its exit status and JSON."""
+    code, _, err = call_main("predict.py", *args, "--json", tmp_path / "p.json", *THREADS)
     assert code == 0, err
-    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert m["classes"] == list(CLASSES) and m["tta"] == "flip"
-    cm = torch.tensor(m["confusion_matrix"])
-    assert cm.sum() == 12  # tiny_data: 4 test images a class
-    with Image.open(tmp_path / "out" / "confusion_matrix.png") as img:
-        assert img.size == confusion_matrix_size(CLASSES)
-    with Image.open(tmp_path / "out" / "mistakes.png") as img:
-        assert img.size == mistakes_size(min(5, int(cm.sum() - cm.trace())))
+    return json.loads((tmp_path / "p.json").read_text())
 
 
-def test_confusion_matrix_column_names_fit():
-    cm = torch.arange(49).view(7, 7)
-    assert fer.draw_confusion_matrix(cm, FER7).size == confusion_matrix_size(FER7)
-    cell = max(80, math.ceil(0.6 * 16 * max(map(len, FER7))) + 8)
-    font = ImageFont.load_default(size=16)  # the font the names are drawn in
-    assert all(font.getlength(name) <= cell - 8 for name in FER7)  # a gap between neighbours
+def test_checkpoint_before_the_paths_is_used_alone(tiny_run, tiny_data, tmp_path, call_main):
+    """`--checkpoint CKPT PATH`: CKPT alone (not the shipped model beside it), and PATH
+    is an image to classify, not a second checkpoint."""
+    ckpt, face = tiny_run[0] / "best.pt", tiny_data / "test" / "sad" / "000.jpg"
+    result = predict_json(call_main, tmp_path, "--checkpoint", ckpt, face)
+    assert [m["checkpoint"] for m in result["members"]] == [str(ckpt)]
+    assert result["arch"] == "resnet34" and result["classes"] == list(CLASSES)
+    assert [p["file"] for p in result["predictions"]] == [str(face)]
 
 
-def test_mistakes_most_confident_first():
-    # Six images, each a flat grey that identifies it; 0 and 3 are right.
-    greys = [10, 50, 90, 130, 170, 210]
-    images = torch.tensor(greys, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 1, 32, 32)
-    faces = fer.Faces(images, torch.tensor([0, 0, 1, 1, 2, 2]), list(CLASSES), [""] * 6)
-    conf = torch.tensor([0.9, 0.6, 0.5, 0.9, 0.95, 0.7])
-    pred = torch.tensor([0, 1, 0, 1, 0, 0])
-    probs = torch.full((6, 3), 0.0).scatter(1, pred[:, None], conf[:, None])
-    probs += (1 - conf[:, None]) / 2 * (probs == 0)  # the rest shared by the other two
-    img = fer.draw_mistakes(faces, probs, limit=3)
-    assert img.size == mistakes_size(3)
-    # tile k's centre: gap + k (tile + gap) + tile / 2 across, header + gap + tile / 2 down
-    centres = [img.getpixel((8 + k * 136 + 64, 8 + 18 + 8 + 64)) for k in range(3)]
-    assert centres == [(g, g, g) for g in (170, 210, 50)]  # confidences 0.95, 0.7, 0.6; 0.5 left out
+def test_repeated_checkpoint_is_an_ensemble(tiny_run, tiny_data, tmp_path, call_main):
+    a, b = tiny_run[0] / "best.pt", tiny_run[0] / "last.pt"  # two checkpoints of the same classes
+    face = tiny_data / "test" / "sad" / "000.jpg"
+    result = predict_json(call_main, tmp_path, face, "--checkpoint", a, "--checkpoint", b)
+    assert result["arch"] == "ensemble"
+    assert [m["checkpoint"] for m in result["members"]] == [str(a), str(b)]
+    assert [p["file"] for p in result["predictions"]] == [str(face)]
+
+
+@pytest.mark.parametrize("order", ["checkpoints first", "paths first"])
+def test_a_checkpoint_among_the_paths_says_to_repeat_checkpoint(order, tiny_run, tiny_data, call_main):
+    """The old `--checkpoint a.pt b.pt`, either side of the images: one line that says to
+    repeat --checkpoint, before any checkpoint is read."""
+    a, b = tiny_run[0] / "best.pt", tiny_run[0] / "last.pt"
+    face = tiny_data / "test" / "sad" / "000.jpg"
+    if order == "checkpoints first":  # b.pt lands among the PATHs
+        code, out, err = call_main("predict.py", "--checkpoint", a, b, face, *THREADS)
+        needles = (f"{b} is a checkpoint, not a picture", "repeat --checkpoint", f"--checkpoint a.pt --checkpoint {b}")
+    else:  # after the PATHs, argparse has no place for b.pt
+        code, out, err = call_main("predict.py", face, "--checkpoint", a, b, *THREADS)
+        needles = (f"unrecognized arguments: {b}", "--checkpoint takes one file: repeat it for an ensemble")
+    assert_error(code, err, *needles, prog="predict.py")
+    assert out == ""
+
+
+def test_the_default_checkpoint_is_the_shipped_five_class_model():
+    assert predict.DEFAULT_CHECKPOINT == ROOT / "checkpoints" / "googlenet_fer2013-5class_64.pt"
+    assert predict.DEFAULT_CHECKPOINT.is_file()
+    assert predict.build_parser().parse_args(["face.png"]).checkpoint is None  # main fills in the default
 
 
 def test_predict_refuses_another_normalisation(checkpoint, images, tmp_path, capsys):
@@ -208,18 +176,20 @@ def test_predict_refuses_another_normalisation(checkpoint, images, tmp_path, cap
     ckpt["mean"] = 0.45
     torch.save(ckpt, tmp_path / "other.pt")
     with pytest.raises(SystemExit) as e:
-        fer.main(["predict", str(images[0][0]), "--checkpoint", str(tmp_path / "other.pt"), *THREADS])
-    assert e.value.code == 2 and "normalises with 0.5" in capsys.readouterr().err
+        predict.main([str(images[0][0]), "--checkpoint", str(tmp_path / "other.pt"), *THREADS])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "normalises with 0.5" in err and err.startswith("predict.py: error: "), err
 
 
-def test_predict_samples_with_the_shipped_checkpoint_and_its_picture(tmp_path, fer_main):
+def test_predict_samples_with_the_shipped_checkpoint_and_its_picture(tmp_path, call_main):
     """The README's first command: no --checkpoint, the shipped five-class network;
     one row per sample face, and predictions.png with --save-dir."""
-    code, out, err = fer_main("predict", ROOT / "samples", "--save-dir", tmp_path, "--json", tmp_path / "p.json",
+    code, out, err = call_main("predict.py", ROOT / "samples", "--save-dir", tmp_path, "--json", tmp_path / "p.json",
                               "--threads", "1")
     assert code == 0, err
     res = json.loads((tmp_path / "p.json").read_text())
     assert res["arch"] == "googlenet" and res["classes"] == ["angry", "happy", "neutral", "sad", "surprise"]
+    assert [m["checkpoint"] for m in res["members"]] == [str(predict.DEFAULT_CHECKPOINT)]
     names = sorted(Path(r["file"]).name for r in res["predictions"])
     assert len(names) == 15 and names[0] == "angry_1.png" and "README.md" not in names
     assert sum(Path(r["file"]).name.split("_")[0] == r["prediction"] for r in res["predictions"]) >= 8
@@ -251,12 +221,12 @@ def iou(a, b):
 TWO_FACES = [("happy_1", (60, 100)), ("neutral_2", (380, 100))]
 
 
-def test_detect_two_faces_rows_boxes_json_and_picture(tmp_path, fer_main):
+def test_detect_two_faces_rows_boxes_json_and_picture(tmp_path, call_main):
     """The issue's done-when: two faces in a photo, two rows with boxes, the
     boxes in the JSON, and the photo written with the boxes drawn on it."""
     pytest.importorskip("cv2")
     squares = compose_photo(tmp_path / "photo.png", TWO_FACES)
-    code, out, err = fer_main("predict", "--detect", tmp_path / "photo.png", "--save-dir", tmp_path / "out",
+    code, out, err = call_main("predict.py", "--detect", tmp_path / "photo.png", "--save-dir", tmp_path / "out",
                               "--json", tmp_path / "p.json", *THREADS)
     assert code == 0 and err == "", err
     header, *rows = out.splitlines()[:3]
@@ -273,7 +243,7 @@ def test_detect_two_faces_rows_boxes_json_and_picture(tmp_path, fer_main):
     assert (tmp_path / "out" / "predictions.png").is_file()  # the faces as the network saw them
 
 
-def test_detect_by_default_on_photos_only_and_says_when_none_is_found(tmp_path, fer_main):
+def test_detect_by_default_on_photos_only_and_says_when_none_is_found(tmp_path, call_main):
     """Without --detect, OpenCV searches pictures that are not face crops; a face
     crop is classified whole (box -), and a photo without a face is not classified
     (alone, it is an error: tests/test_errors.py, case 11)."""
@@ -281,7 +251,7 @@ def test_detect_by_default_on_photos_only_and_says_when_none_is_found(tmp_path, 
     compose_photo(tmp_path / "photo.png", TWO_FACES[:1])
     compose_photo(tmp_path / "empty.png", [])
     crop = ROOT / "samples" / "happy_1.png"
-    code, out, err = fer_main("predict", tmp_path / "photo.png", crop, tmp_path / "empty.png", *THREADS)
+    code, out, err = call_main("predict.py", tmp_path / "photo.png", crop, tmp_path / "empty.png", *THREADS)
     assert code == 0, err
     rows = [row.split() for row in out.splitlines()[1:]]
     assert [row[0] for row in rows] == [str(tmp_path / "photo.png"), str(crop)]
@@ -296,10 +266,10 @@ def no_opencv(monkeypatch):
     monkeypatch.setitem(sys.modules, "cv2", None)
 
 
-def test_without_opencv_a_photo_is_classified_whole_with_a_note(no_opencv, checkpoint, images, tmp_path, fer_main):
+def test_without_opencv_a_photo_is_classified_whole_with_a_note(no_opencv, checkpoint, images, tmp_path, call_main):
     compose_photo(tmp_path / "photo.png", TWO_FACES)
     crop = images[0][0]  # 48x48: a face crop, classified whole without a note
-    code, out, err = fer_main("predict", tmp_path / "photo.png", crop, "--checkpoint", checkpoint,
+    code, out, err = call_main("predict.py", tmp_path / "photo.png", crop, "--checkpoint", checkpoint,
                               "--json", tmp_path / "p.json", *THREADS)
     assert code == 0
     assert err.splitlines() == [f"note: {tmp_path / 'photo.png'} is 640x360, not a face crop: the network "
@@ -308,18 +278,18 @@ def test_without_opencv_a_photo_is_classified_whole_with_a_note(no_opencv, check
     assert out.splitlines()[0].split()[:2] == ["file", "predicted"]  # no box column
     preds = json.loads((tmp_path / "p.json").read_text())["predictions"]
     assert [(p["file"], p["box"]) for p in preds] == [(str(tmp_path / "photo.png"), None), (str(crop), None)]
-    code, _, err = fer_main("predict", tmp_path / "photo.png", "--checkpoint", checkpoint, "--no-detect", *THREADS)
+    code, _, err = call_main("predict.py", tmp_path / "photo.png", "--checkpoint", checkpoint, "--no-detect", *THREADS)
     assert code == 0 and err == ""  # asked for: no note
 
 
 def test_crop_face_is_a_grayscale_square_padded_at_the_edge(monkeypatch):
-    monkeypatch.setattr(fer, "FACE_MARGIN", 2)  # a wide margin, so that the padding shows
+    monkeypatch.setattr(predict, "FACE_MARGIN", 2)  # a wide margin, so that the padding shows
     photo = Image.new("RGB", (100, 80), (200, 40, 40))
-    face = fer.crop_face(photo, (0, 0, 40, 40), 32, 3)  # the square (-20, -20)-(60, 60): black beyond the edge
+    face = predict.crop_face(photo, (0, 0, 40, 40), 32, 3)  # the square (-20, -20)-(60, 60): black beyond the edge
     assert face.shape == (3, 32, 32) and face.dtype == torch.uint8
     assert torch.equal(face[0], face[1]) and torch.equal(face[1], face[2])  # grayscale, as FER2013
     assert face[0, 0, 0] == 0 and face[0, 24, 24] == round(0.299 * 200 + 0.587 * 40 + 0.114 * 40)
-    assert fer.crop_face(photo, (10, 10, 40, 40), 48, 1).shape == (1, 48, 48)
+    assert predict.crop_face(photo, (10, 10, 40, 40), 48, 1).shape == (1, 48, 48)
 
 
 def test_annotated_photos_of_the_same_name_do_not_overwrite_each_other(tmp_path):
@@ -332,17 +302,5 @@ def test_annotated_photos_of_the_same_name_do_not_overwrite_each_other(tmp_path)
     results = [dict(file=f, box=(8, 8, 32, 32), prediction="happy", probabilities={"happy": 0.9})
                for f in files]
     (tmp_path / "out").mkdir()
-    fer.save_photos(tmp_path / "out", results)
+    predict.save_photos(tmp_path / "out", results)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x_2_2_faces.png", "x_2_faces.png", "x_faces.png"]
-
-
-def test_pictures_are_read_upright_as_their_exif_says(tmp_path):
-    """A phone stores a portrait photo on its side with an orientation tag (6: turn it a
-    quarter clockwise): every reader, whole picture or detected face, turns it upright."""
-    img = Image.new("L", (8, 4))
-    img.putpixel((0, 0), 255)  # top left as stored: top right once upright
-    exif = img.getexif()
-    exif[0x0112] = 6
-    img.save(tmp_path / "side.png", exif=exif)
-    upright = fer.open_image(tmp_path / "side.png", 1)
-    assert upright.size == (4, 8) and upright.getpixel((3, 0)) == 255

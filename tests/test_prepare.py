@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run_fer
+from conftest import ROOT, run_script
 
 CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")  # the CSV's codes 0-6
 FER5 = ("angry", "happy", "neutral", "sad", "surprise")
@@ -67,17 +67,17 @@ def fer2013(tmp_path_factory):
     return root, rows, manifest
 
 
-def prepare(fer_main, src, out, manifest):
-    return fer_main("prepare", src, "--out", out, "--manifest", manifest)
+def prepare(call_main, src, out, manifest):
+    return call_main("prepare.py", src, "--out", out, "--manifest", manifest)
 
 
 def files(root):
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
-def test_csv_writes_both_folders_losslessly(fer2013, tmp_path, fer_main):
+def test_csv_writes_both_folders_losslessly(fer2013, tmp_path, call_main):
     root, rows, manifest = fer2013
-    code, out, err = prepare(fer_main, root / "fer2013.csv", tmp_path, root / "manifest.csv")
+    code, out, err = prepare(call_main, root / "fer2013.csv", tmp_path, root / "manifest.csv")
     assert code == 0, err
     # every fer5 face with a known row, as PNG with exactly the row's pixels
     known = [m for m in manifest if m["fer2013_row"] != ""]
@@ -94,18 +94,18 @@ def test_csv_writes_both_folders_losslessly(fer2013, tmp_path, fer_main):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fer2013", "fer5"]  # no temporary folder left
 
 
-def test_icml_csv_gives_the_same_faces(fer2013, tmp_path, fer_main):
+def test_icml_csv_gives_the_same_faces(fer2013, tmp_path, call_main):
     root, _, _ = fer2013
     for name in ("fer2013.csv", "icml_face_data.csv"):
-        assert prepare(fer_main, root / name, tmp_path / name, root / "manifest.csv")[0] == 0
+        assert prepare(call_main, root / name, tmp_path / name, root / "manifest.csv")[0] == 0
     a, b = tmp_path / "fer2013.csv", tmp_path / "icml_face_data.csv"
     assert files(a) == files(b)
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files(a))
 
 
-def test_image_folders_copy_fer5_byte_for_byte(fer2013, tmp_path, fer_main):
+def test_image_folders_copy_fer5_byte_for_byte(fer2013, tmp_path, call_main):
     root, _, manifest = fer2013
-    code, out, err = prepare(fer_main, root / "images", tmp_path, root / "manifest.csv")
+    code, out, err = prepare(call_main, root / "images", tmp_path, root / "manifest.csv")
     assert code == 0, err
     assert files(tmp_path / "fer5") == sorted(f"{m['split']}/{m['class']}/{m['file']}" for m in manifest)
     for m in manifest:
@@ -125,7 +125,7 @@ def zip_of(folder, path, prefix=""):
     return path
 
 
-def test_archives_are_read_in_place(fer2013, tmp_path, fer_main):
+def test_archives_are_read_in_place(fer2013, tmp_path, call_main):
     """A zip of the image folders (with a top folder), a .tar.gz of the CSV, and Kaggle's
     zip that holds fer2013.tar.gz: the same faces as from the unpacked forms, and
     nothing unpacked beside the archive."""
@@ -142,11 +142,11 @@ def test_archives_are_read_in_place(fer2013, tmp_path, fer_main):
         z.writestr("example_submission.csv", "id,emotion\n")
     expected = {}
     for src, name in ((root / "images", "images"), (root / "fer2013.csv", "csv")):
-        assert prepare(fer_main, src, tmp_path / name, root / "manifest.csv")[0] == 0
+        assert prepare(call_main, src, tmp_path / name, root / "manifest.csv")[0] == 0
         expected[name] = tmp_path / name
     for src, like in ((archive, "images"), (tgz, "csv"), (kaggle, "csv")):
         out = tmp_path / src.name
-        code, _, err = prepare(fer_main, src, out, root / "manifest.csv")
+        code, _, err = prepare(call_main, src, out, root / "manifest.csv")
         assert code == 0, err
         assert files(out) == files(expected[like])
         assert all((out / f).read_bytes() == (expected[like] / f).read_bytes() for f in files(out))
@@ -186,12 +186,12 @@ BAD_CSVS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CSVS))
-def test_bad_csv_is_refused_in_one_line(case, fer2013, tmp_path, fer_main):
+def test_bad_csv_is_refused_in_one_line(case, fer2013, tmp_path, call_main):
     root, _, _ = fer2013
     edit, needles = BAD_CSVS[case]
     src = csv_with(root, tmp_path, edit)
     out = tmp_path / "data"
-    code, _, err = prepare(fer_main, src, out, root / "manifest.csv")
+    code, _, err = prepare(call_main, src, out, root / "manifest.csv")
     assert code == 2 and err.count("\n") == 1 and err.startswith("fer.py prepare: error: "), err
     assert str(src) in err and all(n in err for n in needles), err
     assert not out.exists() or list(out.iterdir()) == []  # nothing half-written, no temporary folder
@@ -225,17 +225,17 @@ BAD_FOLDERS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FOLDERS))
-def test_bad_image_folders_are_refused_in_one_line(case, fer2013, tmp_path, fer_main):
+def test_bad_image_folders_are_refused_in_one_line(case, fer2013, tmp_path, call_main):
     root, _, _ = fer2013
     src = damaged_copy(root, tmp_path, case)
     out = tmp_path / "data"
-    code, _, err = prepare(fer_main, src, out, root / "manifest.csv")
+    code, _, err = prepare(call_main, src, out, root / "manifest.csv")
     assert code == 2 and err.count("\n") == 1, err
     assert all(n in err for n in BAD_FOLDERS[case]), err
     assert not out.exists() or list(out.iterdir()) == []
 
 
-def test_bad_sources_and_outputs(fer2013, tmp_path, fer_main):
+def test_bad_sources_and_outputs(fer2013, tmp_path, call_main):
     root, _, _ = fer2013
     manifest = root / "manifest.csv"
     cases = [(tmp_path / "nowhere.csv", ["nowhere.csv does not exist", "give the downloaded fer2013.csv"])]
@@ -246,16 +246,16 @@ def test_bad_sources_and_outputs(fer2013, tmp_path, fer_main):
     text.write_text("hello\n")
     cases.append((text, ["neither a .csv nor a .zip / .tar.gz"]))
     for src, needles in cases:
-        code, _, err = prepare(fer_main, src, tmp_path / "data", manifest)
+        code, _, err = prepare(call_main, src, tmp_path / "data", manifest)
         assert code == 2 and err.count("\n") == 1 and all(n in err for n in needles), err
     # an --out that already holds prepared data is refused and left untouched
     out = tmp_path / "prepared"
-    assert prepare(fer_main, root / "fer2013.csv", out, manifest)[0] == 0
+    assert prepare(call_main, root / "fer2013.csv", out, manifest)[0] == 0
     before = {f: (out / f).read_bytes() for f in files(out)}
-    code, _, err = prepare(fer_main, root / "images", out, manifest)
+    code, _, err = prepare(call_main, root / "images", out, manifest)
     assert code == 2 and f"{out / 'fer5'} already exists" in err, err
     assert {f: (out / f).read_bytes() for f in files(out)} == before
-    code, _, err = prepare(fer_main, root / "fer2013.csv", tmp_path / "data", tmp_path / "no_manifest.csv")
+    code, _, err = prepare(call_main, root / "fer2013.csv", tmp_path / "data", tmp_path / "no_manifest.csv")
     assert code == 2 and "cannot read the fer5 manifest" in err and "git checkout" in err, err
 
 
@@ -263,7 +263,7 @@ def test_bad_sources_and_outputs(fer2013, tmp_path, fer_main):
 def test_refusal_has_no_traceback_subprocess(fer2013, tmp_path):
     root, _, _ = fer2013
     src = csv_with(root, tmp_path, BAD_CSVS["emotion"][0])
-    r = run_fer("prepare", src, "--out", tmp_path / "data", "--manifest", root / "manifest.csv")
+    r = run_script("prepare.py", src, "--out", tmp_path / "data", "--manifest", root / "manifest.csv")
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
@@ -281,7 +281,7 @@ def test_the_shipped_manifest_defines_fer5():
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "fer2013" / "train").is_dir(), reason="needs ../shared/data/fer2013")
 def test_prepare_rebuilds_shared_fer5_byte_for_byte(tmp_path):
-    r = run_fer("prepare", SHARED / "fer2013", "--out", tmp_path, timeout=600)
+    r = run_script("prepare.py", SHARED / "fer2013", "--out", tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr
     for split in ("fer5", "fer2013"):
         assert files(tmp_path / split) == files(SHARED / split)

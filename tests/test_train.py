@@ -39,14 +39,14 @@ def test_run_folder_holds_history_and_curves(run):
         assert len(img.convert("RGB").getcolors(1 << 16)) > 10  # lines drawn, not a blank canvas
 
 
-def test_best_pt_keeps_what_evaluation_needs_and_last_pt_what_resume_needs(run, tiny_data, fer_main):
+def test_best_pt_keeps_what_evaluation_needs_and_last_pt_what_resume_needs(run, tiny_data, call_main):
     best, last = fer.load_checkpoint(run / "best.pt"), fer.load_checkpoint(run / "last.pt")
     assert not {"optimizer", "scheduler", "scaler"} & best.keys()
     assert {"optimizer", "scheduler", "scaler"} <= last.keys()
     assert {"arch", "classes", "args", "epoch", "val_metrics", "state_dict"} <= best.keys()
     assert best["epoch"] == best["best_epoch"] and best["val_metrics"]["macro_f1"] == best["best_metric"]
-    assert fer_main("test", "--checkpoint", run / "best.pt", "--data", tiny_data, "--threads", "1")[0] == 0
-    code, _, err = fer_main("train", "--resume", run / "best.pt")
+    assert call_main("fer.py", "test", "--checkpoint", run / "best.pt", "--data", tiny_data, "--threads", "1")[0] == 0
+    code, _, err = call_main("fer.py", "train", "--resume", run / "best.pt")
     assert code == 2 and "no training state" in err and "last.pt" in err, err
 
 
@@ -103,18 +103,18 @@ def test_cosine_and_constant_start_at_the_rate_even_for_one_step(schedule):
     assert rates[0] == 0.05 and rates == sorted(rates, reverse=True) and min(rates) > 0
 
 
-def test_onecycle_under_three_steps_is_refused_in_one_line(tiny_data, tmp_path, fer_main):
+def test_onecycle_under_three_steps_is_refused_in_one_line(tiny_data, tmp_path, call_main):
     # 21 training images in one batch of 64: one step an epoch, two in all
-    code, _, err = fer_main("train", "--data", tiny_data, "--model", "resnet34", "--image-size", "32",
+    code, _, err = call_main("fer.py", "train", "--data", tiny_data, "--model", "resnet34", "--image-size", "32",
                             "--epochs", "2", "--threads", "1", "--out", tmp_path)
     assert code == 2 and err.count("\n") == 1, err
     assert "needs at least 3 steps" in err and "this run has 2" in err and "--schedule constant" in err
 
 
-def test_logged_rate_is_the_last_steps(tiny_data, tmp_path, fer_main):
+def test_logged_rate_is_the_last_steps(tiny_data, tmp_path, call_main):
     """A 3-step OneCycle run (one epoch of 3 batches of 7): the epoch used the peak and
     ended at the lowest rate, and that last rate is what history and the line show."""
-    code, out, err = fer_main("train", "--data", tiny_data, "--model", "resnet34", "--image-size", "32",
+    code, out, err = call_main("fer.py", "train", "--data", tiny_data, "--model", "resnet34", "--image-size", "32",
                               "--batch-size", "7", "--epochs", "1", "--threads", "1", "--out", tmp_path)
     assert code == 0, err
     (h,) = fer.load_checkpoint(tmp_path / "last.pt")["history"]
@@ -122,8 +122,8 @@ def test_logged_rate_is_the_last_steps(tiny_data, tmp_path, fer_main):
     assert "\r" not in out  # captured, not a terminal: no in-place progress line
 
 
-def test_report_recipe_records_its_values_and_options_override_it(tiny_data, tmp_path, fer_main):
-    code, _, err = fer_main("train", "--data", tiny_data, "--recipe", "report", "--model", "googlenet",
+def test_report_recipe_records_its_values_and_options_override_it(tiny_data, tmp_path, call_main):
+    code, _, err = call_main("fer.py", "train", "--data", tiny_data, "--recipe", "report", "--model", "googlenet",
                             "--image-size", "64", "--threads", "1", "--dry-run", "--out", tmp_path)
     assert code == 0, err
     a = fer.load_checkpoint(tmp_path / "last.pt")["args"]
@@ -133,8 +133,8 @@ def test_report_recipe_records_its_values_and_options_override_it(tiny_data, tmp
         optimizer="adam", lr=3e-4, batch_size=32, epochs=100, schedule="constant", weight_decay=0.0,
         label_smoothing=0.0, crop_scale=0.08, rotation=0.0, erasing=0.0)
     # validate needs nothing retyped; --resume refuses a recipe it would ignore
-    assert fer_main("validate", "--checkpoint", tmp_path / "best.pt", "--threads", "1")[0] == 0
-    code, _, err = fer_main("train", "--resume", tmp_path / "last.pt", "--recipe", "ours")
+    assert call_main("fer.py", "validate", "--checkpoint", tmp_path / "best.pt", "--threads", "1")[0] == 0
+    code, _, err = call_main("fer.py", "train", "--resume", tmp_path / "last.pt", "--recipe", "ours")
     assert code == 2 and "drop --recipe" in err, err
 
 
@@ -145,10 +145,10 @@ def test_every_network_has_both_recipes_and_help_shows_them(capsys):
     assert "alexnet    report  adam       0.0002  32     100" in table
 
 
-def test_short_recipe_is_asked_for_and_recorded(tiny_data, tmp_path, fer_main):
+def test_short_recipe_is_asked_for_and_recorded(tiny_data, tmp_path, call_main):
     """--recipe short: ResNet34 at 48 px for 40 epochs, recorded in the checkpoint; the
     default stays ours on every CPU (short loses validation Macro-F1, RESULTS.md)."""
-    code, _, err = fer_main("train", "--data", tiny_data, "--recipe", "short", "--threads", "1", "--dry-run",
+    code, _, err = call_main("fer.py", "train", "--data", tiny_data, "--recipe", "short", "--threads", "1", "--dry-run",
                             "--out", tmp_path)
     assert code == 0, err
     a = fer.load_checkpoint(tmp_path / "last.pt")["args"]
@@ -172,7 +172,7 @@ def state_dicts_equal(a, b):
 
 
 @pytest.mark.parametrize("winner", ["ema", "raw"])
-def test_ema_best_pt_keeps_the_weights_that_validated_better(winner, tiny_data, tmp_path, monkeypatch, fer_main):
+def test_ema_best_pt_keeps_the_weights_that_validated_better(winner, tiny_data, tmp_path, monkeypatch, call_main):
     """With --ema each epoch validates the raw weights, then the averaged ones. The
     validation is rigged so that `winner` scores perfectly and the other not at all:
     best.pt must hold the winner's weights (BatchNorm statistics included), say which,
@@ -186,7 +186,7 @@ def test_ema_best_pt_keeps_the_weights_that_validated_better(winner, tiny_data, 
         return cm.sum(1).diag() if wins else cm.sum(1).diag().roll(1, 1)  # all right, or all wrong
 
     monkeypatch.setattr(fer, "evaluate", rigged)
-    code, out, err = fer_main("train", "--data", tiny_data, *FAST, "--epochs", "1", "--no-amp", "--ema", "0.5",
+    code, out, err = call_main("fer.py", "train", "--data", tiny_data, *FAST, "--epochs", "1", "--no-amp", "--ema", "0.5",
                               "--out", tmp_path)
     monkeypatch.setattr(fer, "evaluate", real)
     assert code == 0, err
@@ -202,20 +202,20 @@ def test_ema_best_pt_keeps_the_weights_that_validated_better(winner, tiny_data, 
     assert raw["best_epoch"] == 1 and raw["best_metric"] == raw["val_metrics"]["macro_f1"] == (winner == "raw")
     with open(tmp_path / "history.csv", newline="") as f:
         assert next(csv.reader(f))[-2:] == ["ema_val_accuracy", "ema_val_macro_f1"]
-    code, _, err = fer_main("validate", "--checkpoint", tmp_path / "best.pt", "--threads", "1",
+    code, _, err = call_main("fer.py", "validate", "--checkpoint", tmp_path / "best.pt", "--threads", "1",
                             "--json", tmp_path / "val.json")
     assert code == 0, err
     scored = seen[1] if winner == "ema" else seen[0]  # what training's (unrigged) evaluation found
     assert json.loads((tmp_path / "val.json").read_text())["confusion_matrix"] == scored.tolist()
 
 
-def test_ema_leaves_the_raw_run_as_it_was(tiny_data, tmp_path, fer_main):
+def test_ema_leaves_the_raw_run_as_it_was(tiny_data, tmp_path, call_main):
     """The average only reads the weights: a run with --ema trains the raw network step
     for step as the run without it, and its best_raw.pt is that run's best.pt. So one
     run measures the recipe with and without the average."""
     args = ("--data", tiny_data, *FAST, "--epochs", "2", "--no-amp")
-    assert fer_main("train", *args, "--out", tmp_path / "plain")[0] == 0
-    assert fer_main("train", *args, "--ema", "0.5", "--out", tmp_path / "ema")[0] == 0
+    assert call_main("fer.py", "train", *args, "--out", tmp_path / "plain")[0] == 0
+    assert call_main("fer.py", "train", *args, "--ema", "0.5", "--out", tmp_path / "ema")[0] == 0
     plain, ema = (fer.load_checkpoint(tmp_path / d / "last.pt") for d in ("plain", "ema"))
     assert state_dicts_equal(plain["state_dict"], ema["state_dict"])
     assert [h["val_macro_f1"] for h in plain["history"]] == [h["val_macro_f1"] for h in ema["history"]]
@@ -224,7 +224,7 @@ def test_ema_leaves_the_raw_run_as_it_was(tiny_data, tmp_path, fer_main):
     assert not (tmp_path / "plain" / "best_raw.pt").exists()
 
 
-def test_seed_leaves_the_validation_split_to_split_seed(tiny_data, tmp_path, monkeypatch, fer_main):
+def test_seed_leaves_the_validation_split_to_split_seed(tiny_data, tmp_path, monkeypatch, call_main):
     """--seed changes the initialisation and the batches, never which faces are held
     out: train and validate split by --split-seed, which the checkpoint records."""
     seeds, real = [], fer.split_train_val
@@ -232,15 +232,15 @@ def test_seed_leaves_the_validation_split_to_split_seed(tiny_data, tmp_path, mon
                         real(labels, fraction, seed))
     for split in (None, "2"):
         out = tmp_path / f"split{split}"
-        code, _, err = fer_main("train", "--data", tiny_data, *FAST, "--epochs", "1", "--no-amp", "--seed", "3",
+        code, _, err = call_main("fer.py", "train", "--data", tiny_data, *FAST, "--epochs", "1", "--no-amp", "--seed", "3",
                                 *(("--split-seed", split) if split else ()), "--out", out)
         assert code == 0, err
-        assert fer_main("validate", "--checkpoint", out / "best.pt", "--threads", "1")[0] == 0
+        assert call_main("fer.py", "validate", "--checkpoint", out / "best.pt", "--threads", "1")[0] == 0
         assert seeds[-2:] == [int(split or 0)] * 2
         assert fer.load_checkpoint(out / "best.pt")["args"]["split_seed"] == int(split or 0)
 
 
-def test_watch_test_is_written_down_and_never_chooses(tiny_data, tmp_path, monkeypatch, fer_main):
+def test_watch_test_is_written_down_and_never_chooses(tiny_data, tmp_path, monkeypatch, call_main):
     """--watch-test scores DATA/test after every epoch into history.csv, and nothing
     else. The evaluation is rigged so that validation prefers epoch 1 and the test
     split epoch 3: the run with the option keeps epoch 1, with the same best.pt and
@@ -260,7 +260,7 @@ def test_watch_test_is_written_down_and_never_chooses(tiny_data, tmp_path, monke
     for watch in (False, True):
         rigged.seen = {}
         out = tmp_path / f"watch{watch}"
-        code, stdout, err = fer_main("train", "--data", tiny_data, *FAST, "--epochs", "3", "--no-amp",
+        code, stdout, err = call_main("fer.py", "train", "--data", tiny_data, *FAST, "--epochs", "3", "--no-amp",
                                      *(("--watch-test",) if watch else ()), "--out", out)
         assert code == 0, err
         assert len(rigged.seen) == 1 + watch  # the test split is read only with the option
@@ -278,12 +278,12 @@ def test_watch_test_is_written_down_and_never_chooses(tiny_data, tmp_path, monke
     assert stdout.count("watched, not used: test acc") == 3
 
 
-def test_watch_test_is_kept_on_resume(tiny_data, tmp_path, fer_main):
+def test_watch_test_is_kept_on_resume(tiny_data, tmp_path, call_main):
     """--resume continues a --watch-test run with it, and refuses the option given again."""
     args = ("--data", tiny_data, *FAST, "--no-amp", "--out", tmp_path)
-    assert fer_main("train", *args, "--epochs", "2", "--watch-test", "--dry-run")[0] == 0
-    code, out, err = fer_main("train", "--resume", tmp_path / "last.pt", "--threads", "1")
+    assert call_main("fer.py", "train", *args, "--epochs", "2", "--watch-test", "--dry-run")[0] == 0
+    code, out, err = call_main("fer.py", "train", "--resume", tmp_path / "last.pt", "--threads", "1")
     assert code == 0, err
     assert "watched, not used" in out
-    code, _, err = fer_main("train", "--resume", tmp_path / "last.pt", "--watch-test")
+    code, _, err = call_main("fer.py", "train", "--resume", tmp_path / "last.pt", "--watch-test")
     assert code == 2 and "drop --watch-test" in err
