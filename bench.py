@@ -24,7 +24,7 @@ from PIL import Image
 import fer
 from common import Parser, number
 from fer import (OURS, TRAIN_DEFAULTS, build_model, check_image_size, compute_loss,
-                 load_faces, make_optimizer, pil_batches, predict_probs, tensor_batches)
+                 load_faces, make_optimizer, pil_batches, predict_probs, scan_folder, tensor_batches)
 from nets import MODELS
 from runtime import Runtime, cpu_flags, describe_device, log, setup_runtime
 
@@ -93,7 +93,6 @@ def peak_memory(rt):
 
 def cmd_bench(args):
     """Training and inference throughput of the report's pipeline and of ours."""
-    args.model = args.model or "resnet34"
     recipe = {**TRAIN_DEFAULTS, **OURS[args.model]}  # what `train` runs by default
     size = args.image_size or recipe["image_size"]
     batch = args.batch_size or recipe["batch_size"]
@@ -103,46 +102,52 @@ def cmd_bench(args):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.data) / "train" if args.data else write_fake_folder(Path(tmp), 2, n_images)
         ours = setup_runtime(args)
-        plain = Runtime(ours.device)  # float32, default memory layout
         log(f"bench {args.model}, batch {batch}, {args.steps} timed steps after one warm-up "
             f"(precision and layout are training's; inference on a CPU runs in float32), on "
             f"{describe_device(ours.device)}\ntraining precision: {describe_precision(ours, args)}")
-        # At the training size, every precision x layout pair, so each speed-up shows on its own;
-        # the last row is ours as `train` runs it (optionally compiled).
-        pairs = dict.fromkeys((amp, cl) for amp in (None, ours.amp_dtype) for cl in (False, ours.channels_last))
-        configs = [("report: PIL per image", plain, "pil", args.report_size, False),
-                   ("ours: in-memory tensors", ours, "tensor", args.report_size, False)]
-        configs += [("ours: in-memory tensors", replace(ours, amp_dtype=amp, channels_last=cl), "tensor", size, False)
-                    for amp, cl in pairs]
-        if args.compile:
-            configs.append(("ours + torch.compile", ours, "tensor", size, True))
-        augmentation = {k: recipe[k] for k in ("crop_scale", "rotation", "erasing")}
-        rows = []
-        for label, rt, pipeline, s, compiled in configs:
-            faces = load_faces(root, s, args.in_channels, skip_bad=True, limit=n_images)
-            opts = argparse.Namespace(**augmentation, image_size=s, in_channels=args.in_channels, workers=args.workers)
-            torch.manual_seed(0)
-            model = build_model(args.model, len(faces.classes), args.in_channels, s, rt)
-            if compiled:  # the warm-up step pays for compilation
-                model = torch.compile(model)
-            idx = torch.arange(len(faces.labels)).repeat(math.ceil(n_images / len(faces.labels)))
-            batches = (pil_batches if pipeline == "pil" else tensor_batches)(faces, idx, batch, opts, rt, 0)
-            train_ips = bench_train(model, batches, args.steps, rt, recipe)
-            infer_ips = bench_infer(model, faces, rt, batch)
-            rows.append(train_ips)
-            memory, mib = peak_memory(rt)
-            log(f"{label:<24} {s:>4}px  {rt.precision:>8}  channels_last={str(rt.channels_last):<5}  "
-                f"train {train_ips:7.1f} img/s  infer {infer_ips:7.1f} img/s  peak {memory} {mib:5.0f} MiB")
-            num_classes = len(faces.classes)
-            del model, faces
-        default = rows[len(pairs) + 1]
-        alone = bench_network_alone(args, ours, size, batch, num_classes, recipe)
+        configs = bench_configs(args, ours, size)
+        rows = [bench_row(args, root, recipe, batch, n_images, *config) for config in configs]
+        default = rows[len(configs) - 1 - args.compile]
+        alone = bench_network_alone(args, ours, size, batch, len(scan_folder(root)[0]), recipe)
         log(f"ours / report at {args.report_size}px: {rows[1] / rows[0]:.1f}x training; "
             f"ours at {size}px / report at {args.report_size}px: {default / rows[0]:.1f}x; "
             f"an epoch of 4,500 images at {size}px: about {4500 / default:.0f} s; "
             f"ours / the network alone: {default / alone:.2f} of its speed"
             + (f"; torch.compile: {rows[-1] / default:.2f}x" if args.compile else ""))
     return rows + [alone]
+
+
+def bench_configs(args, ours, size):
+    """(label, runtime, pipeline, size, compiled) of each row: the report's PIL pipeline
+    and ours at the report's size; then at the training size every precision x layout
+    pair, so each speed-up shows on its own, the last being ours as `train` runs it
+    (and, with --compile, once more compiled)."""
+    plain = Runtime(ours.device)  # float32, default memory layout
+    pairs = dict.fromkeys((amp, cl) for amp in (None, ours.amp_dtype) for cl in (False, ours.channels_last))
+    configs = [("report: PIL per image", plain, "pil", args.report_size, False),
+               ("ours: in-memory tensors", ours, "tensor", args.report_size, False)]
+    configs += [("ours: in-memory tensors", replace(ours, amp_dtype=amp, channels_last=cl), "tensor", size, False)
+                for amp, cl in pairs]
+    return configs + [("ours + torch.compile", ours, "tensor", size, True)] * args.compile
+
+
+def bench_row(args, root, recipe, batch, n_images, label, rt, pipeline, size, compiled):
+    """One row: training and inference images/s of one configuration, and peak memory."""
+    faces = load_faces(root, size, args.in_channels, skip_bad=True, limit=n_images)
+    augmentation = {k: recipe[k] for k in ("crop_scale", "rotation", "erasing")}
+    opts = argparse.Namespace(**augmentation, image_size=size, in_channels=args.in_channels, workers=args.workers)
+    torch.manual_seed(0)
+    model = build_model(args.model, len(faces.classes), args.in_channels, size, rt)
+    if compiled:  # the warm-up step pays for compilation
+        model = torch.compile(model)
+    idx = torch.arange(len(faces.labels)).repeat(math.ceil(n_images / len(faces.labels)))
+    batches = (pil_batches if pipeline == "pil" else tensor_batches)(faces, idx, batch, opts, rt, 0)
+    train_ips = bench_train(model, batches, args.steps, rt, recipe)
+    infer_ips = bench_infer(model, faces, rt, batch)
+    memory, mib = peak_memory(rt)
+    log(f"{label:<24} {size:>4}px  {rt.precision:>8}  channels_last={str(rt.channels_last):<5}  "
+        f"train {train_ips:7.1f} img/s  infer {infer_ips:7.1f} img/s  peak {memory} {mib:5.0f} MiB")
+    return train_ips
 
 
 def bench_network_alone(args, rt, size, batch, num_classes, recipe):
@@ -175,10 +180,13 @@ def build_parser():
                formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--model", choices=sorted(MODELS), default="resnet34", help="network (default: %(default)s)")
     b.add_argument("--data", help="folder with train/<class>/ (default: random images made on the fly)")
-    b.add_argument("--image-size", type=number(int, 1, fer.MAX_IMAGE_SIZE), help="our input size (default: the network's recipe)")
-    b.add_argument("--report-size", type=number(int, 1, fer.MAX_IMAGE_SIZE), default=224, help="the report's input size (default: %(default)s)")
+    b.add_argument("--image-size", type=number(int, 1, fer.MAX_IMAGE_SIZE),
+                   help="our input size (default: the network's recipe)")
+    b.add_argument("--report-size", type=number(int, 1, fer.MAX_IMAGE_SIZE), default=224,
+                   help="the report's input size (default: %(default)s)")
     b.add_argument("--batch-size", type=number(int, 1), help="(default: the network's recipe)")
-    b.add_argument("--steps", type=number(int, 1), default=3, help="timed training steps per pipeline (default: %(default)s)")
+    b.add_argument("--steps", type=number(int, 1), default=3,
+                   help="timed training steps per pipeline (default: %(default)s)")
     b.add_argument("--in-channels", type=int, choices=[1, 3], default=3, help="(default: %(default)s)")
     b.add_argument("--compile", action="store_true",
                    help="add a row for ours with torch.compile; compiling adds about 40 s "

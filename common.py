@@ -97,7 +97,8 @@ def check_writable(path, option, folder=False):
     else:
         target = next(p for p in path.absolute().parents if p.exists())
         if not folder and target != path.absolute().parent:
-            raise FerError(f"the folder of {option} {path} does not exist; create {path.parent} or choose another {option}")
+            raise FerError(f"the folder of {option} {path} does not exist; create {path.parent} "
+                           f"or choose another {option}")
         if not target.is_dir():
             raise FerError(f"cannot create {option} {path}: {target} is a file; choose another {option}")
     if not os.access(target, os.W_OK):
@@ -118,17 +119,25 @@ MANIFEST = Path(__file__).resolve().parent / "data" / "fer5_manifest.csv"
 
 
 def read_manifest(path):
-    """The manifest's rows: split, class, file, sha256, fer2013_row (and FER+ votes)."""
+    """The manifest's rows: split, class, file, sha256, fer2013_row (and FER+ votes).
+    UTF-8, with a byte-order mark accepted: a spreadsheet program that saves it writes one."""
+    fix = "restore it (git checkout data/fer5_manifest.csv)"
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows, columns = list(reader), reader.fieldnames or []
     except OSError as e:
         raise FerError(f"cannot read the fer5 manifest {path} ({e.strerror}); it ships with fer.py "
-                       "as data/fer5_manifest.csv: restore it (git checkout data/fer5_manifest.csv)") from None
-    need = {"split", "class", "file", "sha256", "fer2013_row"}
-    if not rows or not need <= set(rows[0]):
-        raise FerError(f"the fer5 manifest {path} lacks the columns {', '.join(sorted(need))}; "
-                       "restore it (git checkout data/fer5_manifest.csv)")
+                       f"as data/fer5_manifest.csv: {fix}") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise FerError(f"the fer5 manifest {path} is not a UTF-8 CSV ({e}); {fix}") from None
+    missing = {"split", "class", "file", "sha256", "fer2013_row"} - set(columns)
+    if not columns:
+        raise FerError(f"the fer5 manifest {path} is empty; {fix}")
+    if missing:
+        raise FerError(f"the fer5 manifest {path} lacks the columns {', '.join(sorted(missing))}; {fix}")
+    if not rows:
+        raise FerError(f"the fer5 manifest {path} has its header but no rows; {fix}")
     return rows
 
 

@@ -47,7 +47,7 @@ from nets import MODELS
 # train at 64x64 (48x48 faces upscaled once; 224 costs 9x the time, see `bench`)
 # with a OneCycle schedule; VGG11, the slowest per image, runs at the native 48x48
 # for 15 epochs to fit a CPU budget. The nets with BatchNorm take SGD + Nesterov
-# momentum; AlexNet and VGG11 (no BN) learn much faster with Adam (README, Method).
+# momentum; AlexNet and VGG11 (no BN) learn much faster with Adam (RESULTS.md, Method).
 OURS = {
     "alexnet": dict(image_size=64, batch_size=64, optimizer="adam", lr=1e-4, epochs=20),
     "vgg11": dict(image_size=48, batch_size=64, optimizer="adam", lr=1e-4, epochs=15),
@@ -155,6 +155,8 @@ def open_image(path, in_channels):
         img = eight_bit(ImageOps.exif_transpose(img))
         if img.mode == "P":  # palette images may carry transparency: go through RGBA
             img = img.convert("RGBA")
+        if in_channels == 1 and img.mode in ("LAB", "HSV"):  # Pillow converts these to RGB only
+            img = img.convert("RGB")
         return img.convert("RGB" if in_channels == 3 else "L")
 
 
@@ -518,7 +520,8 @@ def tensor_batches(faces, idx, batch_size, args, rt, perm_seed):
 def pil_batches(faces, idx, batch_size, args, rt, perm_seed):
     """The report's pipeline: every image re-read and transformed by PIL, per epoch."""
     files = [faces.files[i] for i in idx]
-    data = FileDataset(files, faces.labels[idx].tolist(), report_transform(args.image_size, args.in_channels), args.in_channels)
+    transform = report_transform(args.image_size, args.in_channels)
+    data = FileDataset(files, faces.labels[idx].tolist(), transform, args.in_channels)
     if rt.world > 1:
         sampler = torch.utils.data.distributed.DistributedSampler(data, seed=perm_seed, drop_last=True)
     else:
@@ -565,7 +568,7 @@ def make_scheduler(args, optimizer, total_steps):
         # a short run still starts low, reaches the peak, then decays (under 3 steps it cannot).
         if total_steps < 3:
             raise FerError(f"--schedule onecycle needs at least 3 steps (warm up, peak, decay), this run has "
-                           f"{total_steps}: train more --epochs, lower --batch-size, or use --schedule constant")
+                           f"{total_steps}; train more --epochs, lower --batch-size, or use --schedule constant")
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps,
                                                    pct_start=max(0.2, 2 / total_steps))
     if args.schedule == "cosine":
@@ -720,7 +723,8 @@ def score_epoch(raw_model, ema, faces, val_idx, test_faces, rt, batch_size):
         for b in itertools.chain(raw_model.buffers(), ema.buffers() if ema is not None else ()):
             dist.broadcast(b, 0)
     m = metrics.classification_metrics(evaluate(raw_model, faces, val_idx, rt, batch_size))
-    ema_m = None if ema is None else metrics.classification_metrics(evaluate(ema.module, faces, val_idx, rt, batch_size))
+    ema_m = None if ema is None else metrics.classification_metrics(
+        evaluate(ema.module, faces, val_idx, rt, batch_size))
     test_m = None if test_faces is None else metrics.classification_metrics(
         evaluate(raw_model, test_faces, torch.arange(len(test_faces.labels)), rt, batch_size))
     return m, ema_m, test_m
@@ -744,7 +748,8 @@ def epoch_summary(epoch, args, loss, m, ema_m, test_m, seconds, lr, images, impr
         row.update(test_accuracy=test_m["accuracy"], test_macro_f1=test_m["macro_f1"])
         test_text = f"  | watched, not used: test acc {test_m['accuracy']:.4f}  test macro-F1 {test_m['macro_f1']:.4f}"
     dry = " (dry run)" if args.dry_run else ""
-    log(f"epoch {epoch:3d}/{args.epochs}{dry}  loss {loss:.4f}  val acc {m['accuracy']:.4f}  val macro-F1 {m['macro_f1']:.4f}  "
+    log(f"epoch {epoch:3d}/{args.epochs}{dry}  loss {loss:.4f}  "
+        f"val acc {m['accuracy']:.4f}  val macro-F1 {m['macro_f1']:.4f}  "
         f"{ema_text}{images / seconds:6.0f} img/s  {seconds:5.1f} s  lr {lr:.2e}{'  *' if improved else ''}{test_text}")
     return row
 
@@ -1031,7 +1036,8 @@ def evaluation_options(q, data_help, data_default):
     q.add_argument("--checkpoint", action="append", required=True, metavar="CKPT",
                    help="a .pt file written by train or export; repeat it for an ensemble, which averages the "
                         "class probabilities, each network at its own image size")
-    q.add_argument("--data", default=data_default, help=f"{data_help} (default: {data_default or 'the --data the checkpoint was trained with'})")
+    q.add_argument("--data", default=data_default,
+                   help=f"{data_help} (default: {data_default or 'the --data the checkpoint was trained with'})")
     q.add_argument("--batch-size", type=number(int, 1), default=128, help="(default: %(default)s)")
     q.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (default: print only)")
     q.add_argument("--skip-bad-images", **SKIP_BAD)
@@ -1046,13 +1052,37 @@ def augmentation_options(t):
     """train's augmentation options: what each training batch goes through."""
     D = TRAIN_DEFAULTS
     t.add_argument("--crop-scale", type=number(float, 0, 1, low_open=True),
-                   help=f"smallest area fraction of the random resized crop (default: {D['crop_scale']}, or the recipe's)")
-    t.add_argument("--rotation", type=number(float, 0, 180), help=f"largest random rotation in degrees (default: {D['rotation']}, or the recipe's)")
-    t.add_argument("--erasing", type=number(float, 0, 1), help=f"probability of random erasing (default: {D['erasing']}, or the recipe's)")
+                   help="smallest area fraction of the random resized crop "
+                        f"(default: {D['crop_scale']}, or the recipe's)")
+    t.add_argument("--rotation", type=number(float, 0, 180),
+                   help=f"largest random rotation in degrees (default: {D['rotation']}, or the recipe's)")
+    t.add_argument("--erasing", type=number(float, 0, 1),
+                   help=f"probability of random erasing (default: {D['erasing']}, or the recipe's)")
     t.add_argument("--mixup", type=mixup_alpha, metavar="ALPHA",
                    help="blend pairs of training images and their labels by a weight drawn from "
                         f"Beta(ALPHA, ALPHA), {MIXUP_MIN_ALPHA:g} to 100; the paper used 0.1-0.4 on ImageNet; "
                         f"0 turns it off (default: {D['mixup']})")
+
+
+def optimisation_options(t):
+    """train's options of the optimisation: epochs, batch, rate, optimiser, schedule, loss."""
+    D = TRAIN_DEFAULTS
+    t.add_argument("--epochs", type=number(int, 1), help="epochs (default: per network and recipe)")
+    t.add_argument("--batch-size", type=number(int, 1), help="global batch size (default: per network and recipe)")
+    # Optimisers keep the rate in float32: a larger one overflows inside them, not in a clear error.
+    t.add_argument("--lr", type=number(float, 0, torch.finfo(torch.float32).max, low_open=True),
+                   help="peak learning rate, the starting one for plateau (default: per network and recipe)")
+    t.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
+                   help="SGD with Nesterov momentum 0.9, Adam or AdamW (default: per network and recipe)")
+    t.add_argument("--schedule", choices=["onecycle", "cosine", "constant", "plateau"],
+                   help="learning-rate schedule: onecycle, cosine and constant step per batch; plateau "
+                   f"halves the rate once {PLATEAU_PATIENCE + 1} epochs in a row bring no new best "
+                   f"validation Macro-F1 (default: {D['schedule']}, or the recipe's)")
+    t.add_argument("--weight-decay", type=number(float, 0), help=f"(default: {D['weight_decay']}, or the recipe's)")
+    t.add_argument("--label-smoothing", type=number(float, 0, 1, high_open=True),
+                   help=f"(default: {D['label_smoothing']}, or the recipe's)")
+    t.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=None,
+                   help="weight the loss by inverse class frequency (default: off)")
 
 
 def add_train(sub):
@@ -1069,24 +1099,11 @@ def add_train(sub):
                    "override it (default: ours)")
     t.add_argument("--resume", metavar="CKPT", help="continue the run saved in CKPT (its last.pt) "
                    "with the options it was started with (default: a new run)")
-    t.add_argument("--epochs", type=number(int, 1), help="epochs (default: per network and recipe)")
-    t.add_argument("--batch-size", type=number(int, 1), help="global batch size (default: per network and recipe)")
-    # Optimisers keep the rate in float32: a larger one overflows inside them, not in a clear error.
-    t.add_argument("--lr", type=number(float, 0, torch.finfo(torch.float32).max, low_open=True),
-                   help="peak learning rate, the starting one for plateau (default: per network and recipe)")
-    t.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
-                   help="SGD with Nesterov momentum 0.9, Adam or AdamW (default: per network and recipe)")
-    t.add_argument("--schedule", choices=["onecycle", "cosine", "constant", "plateau"],
-                   help="learning-rate schedule: onecycle, cosine and constant step per batch; plateau "
-                   f"halves the rate once {PLATEAU_PATIENCE + 1} epochs in a row bring no new best "
-                   f"validation Macro-F1 (default: {D['schedule']}, or the recipe's)")
-    t.add_argument("--weight-decay", type=number(float, 0), help=f"(default: {D['weight_decay']}, or the recipe's)")
-    t.add_argument("--label-smoothing", type=number(float, 0, 1, high_open=True), help=f"(default: {D['label_smoothing']}, or the recipe's)")
-    t.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=None,
-                   help="weight the loss by inverse class frequency (default: off)")
+    optimisation_options(t)
     t.add_argument("--image-size", type=number(int, 1, MAX_IMAGE_SIZE), help="side of the square network input; "
                    "images are resized to it once, when decoded (default: per network and recipe)")
-    t.add_argument("--in-channels", type=int, choices=[1, 3], help=f"1 for grayscale, 3 for RGB (default: {D['in_channels']})")
+    t.add_argument("--in-channels", type=int, choices=[1, 3],
+                   help=f"1 for grayscale, 3 for RGB (default: {D['in_channels']})")
     augmentation_options(t)
     t.add_argument("--classes", type=class_list, metavar="A,B,...",
                    help="train on these class folders of DATA/train only, e.g. --data data/fer2013 --classes "
@@ -1129,7 +1146,8 @@ def add_evaluation(sub):
     s = sub.add_parser("test", help="full metrics on DIR/test/ (the only command that reads it)", **FMT)
     evaluation_options(s, "folder with test/<class>/", DEFAULT_DATA)
     s.add_argument("--tta", **TTA)
-    s.add_argument("--save-dir", metavar="DIR", help="write metrics.json, confusion_matrix.png and mistakes.png to DIR (default: none)")
+    s.add_argument("--save-dir", metavar="DIR",
+                   help="write metrics.json, confusion_matrix.png and mistakes.png to DIR (default: none)")
     s.add_argument("--mistakes", type=number(int, 1), default=32,
                    help="how many mistakes mistakes.png shows (default: %(default)s)")
     s.add_argument("--labels", choices=["fer2013", "ferplus"], default="fer2013",

@@ -15,15 +15,23 @@ FERPLUS_CLASSES = {"neutral": "neutral", "happiness": "happy", "surprise": "surp
                    "unknown": None, "NF": None}
 
 
+# FER+ asked ten annotators about each face.
+ANNOTATORS = 10
+
+
 def majority(row):
     """(class, None) when more than half of a manifest row's FER+ votes chose one
     expression, else (None, why). A plurality is not enough: FER+'s own "majority"
     scheme keeps a label only when most of the ten annotators agree on it."""
-    try:
-        votes = {k: int(row.get(f"ferplus_{k}") or 0) for k in FERPLUS_CLASSES}
-    except ValueError:
-        raise FerError(f"the manifest's FER+ votes of {row.get('file')} are not whole numbers; "
-                       "use the shipped data/fer5_manifest.csv") from None
+    cells = {k: (row.get(f"ferplus_{k}") or "0").strip() for k in FERPLUS_CLASSES}
+    # ten annotators: each count is a whole number 0-10, and together they are at most ten
+    if not all(v.isascii() and v.isdigit() and int(v) <= ANNOTATORS for v in cells.values()) \
+            or sum(map(int, cells.values())) > ANNOTATORS:
+        shown = ", ".join(f"{k} {v!r}" for k, v in cells.items() if v != "0")
+        raise FerError(f"the manifest's FER+ votes of {row.get('file')} ({shown}) are not whole numbers from 0 to "
+                       f"{ANNOTATORS} adding up to at most {ANNOTATORS}; use the shipped data/fer5_manifest.csv "
+                       "(git checkout data/fer5_manifest.csv)")
+    votes = {k: int(v) for k, v in cells.items()}
     top = max(votes, key=votes.get)
     if not any(votes.values()):
         return None, "FER+ has no votes for it"
@@ -58,7 +66,8 @@ def rescore(faces, probs, manifest):
     keep = labels >= 0
     if not keep.any():
         raise FerError(f"none of the {len(labels)} test faces has a clear FER+ majority in {manifest} "
-                       "(faces are matched by class and file name); --labels ferplus needs fer5's or FER2013's test faces")
+                       "(faces are matched by class and file name); --labels ferplus needs fer5's or "
+                       "FER2013's test faces")
     pred = probs.argmax(1)
     wrong = pred != faces.labels
     sided = int((wrong & (pred == labels)).sum())

@@ -116,7 +116,7 @@ class VGG(_PlainNet):
         self.classifier = _classifier(512 * 7 * 7, num_classes, dropout_first=False)
         # Kaiming convs and N(0, 0.01) FCs, as torchvision. Xavier (the paper's later choice)
         # halves the signal's variance at every ReLU, and without BN this 11-layer stack then
-        # starts slower (measured on fer5: README, Method).
+        # starts slower (measured on fer5: RESULTS.md, Method).
         _init_weights(self)
 
 

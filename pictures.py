@@ -73,8 +73,9 @@ def draw_curves(history, best_epoch, width=960, height=360, font_size=14):
     if "ema_val_macro_f1" in history[0]:
         panels[1][1].append(("EMA Macro-F1", [h["ema_val_macro_f1"] for h in history], "seagreen"))
     if "test_macro_f1" in history[0]:  # --watch-test: a panel of its own, apart from what chooses
-        panels.append(("test (watched, never used)", [("accuracy", [h["test_accuracy"] for h in history], "steelblue"),
-                                                      ("Macro-F1", [h["test_macro_f1"] for h in history], "darkorange")]))
+        panels.append(("test (watched, never used)",
+                       [("accuracy", [h["test_accuracy"] for h in history], "steelblue"),
+                        ("Macro-F1", [h["test_macro_f1"] for h in history], "darkorange")]))
     width = width * len(panels) // 2
     img = Image.new("RGB", (width, height), "white")
     d, font = ImageDraw.Draw(img), load_font(font_size)

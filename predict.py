@@ -37,7 +37,7 @@ def find_images(paths):
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
-                raise FerError(f"folder {p} has no images ({' '.join(IMG_EXTENSIONS)})")
+                raise FerError(f"folder {p} has no images ({' '.join(IMG_EXTENSIONS)}); give a folder of pictures, or the pictures themselves")
             files += found
         elif p.suffix.lower() == ".pt":  # the old `--checkpoint a.pt b.pt`: b.pt came here
             raise FerError(f"{p} is a checkpoint, not a picture; repeat --checkpoint for each checkpoint "

@@ -4,6 +4,8 @@ process or in a subprocess. Every helper that runs a script takes its file name
 first: `main_in_process("predict.py", face, "--checkpoint", ckpt)`,
 `run_script("prepare.py", src, "--out", out)`, `call_main("fer.py", "train", ...)`.
 
+`train_cut` leaves a run as Ctrl-C does, for --resume.
+
 `python -m pytest -q` runs the quick tests (under a minute on two cores);
 `python -m pytest -q -m slow` runs exactly the ones marked `slow`: long runs,
 resume bit-exactness, the data in ../shared, torchrun, and each bad-input case
@@ -24,12 +26,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402  (needs ROOT on sys.path)
+import export  # noqa: E402
 import fer  # noqa: E402
 import predict  # noqa: E402
 import prepare  # noqa: E402
 
 # Each script of the repository and the module whose main(ARGS) runs it in this process.
-SCRIPTS = {"fer.py": fer, "predict.py": predict, "bench.py": bench, "prepare.py": prepare}
+SCRIPTS = {"fer.py": fer, "predict.py": predict, "bench.py": bench, "prepare.py": prepare, "export.py": export}
 CLASSES = ("angry", "happy", "sad")
 
 
@@ -97,7 +100,7 @@ def main_in_process(script, *args, cwd=None):
 
 def assert_error(code, err, *needles, status=2, prog="fer.py"):
     """Exit `status`, no traceback, and one line on stderr, from `prog` (`fer.py
-    COMMAND`, `predict.py`, `bench.py`, `prepare.py`), naming every needle."""
+    COMMAND`, `predict.py`, `bench.py`, `prepare.py`, `export.py`), naming every needle."""
     assert code == status, err
     assert "Traceback" not in err, err
     lines = err.strip().splitlines()
@@ -122,6 +125,24 @@ def tiny_run(tiny_data, tmp_path_factory):
                                         "--threads", "1", "--out", out)
     assert code == 0, err
     return out, stdout
+
+
+def train_cut(*args, epochs_done=1):
+    """`fer.py train ARGS` in this process, stopped as Ctrl-C stops it once `epochs_done`
+    epochs are saved: a run for --resume to continue (a --dry-run is a whole run of
+    one epoch, not the first epoch of a longer one). Returns its stdout."""
+    real, epochs = fer.train_one_epoch, []
+
+    def one_epoch(*a, **k):
+        epochs.append(len(epochs) + 1)
+        if len(epochs) > epochs_done:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fer, "train_one_epoch", one_epoch)
+        code, out, err = main_in_process("fer.py", "train", *args)
+    assert code == 130 and "--resume" in err, err
+    return out
 
 
 @pytest.fixture

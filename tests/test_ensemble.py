@@ -1,6 +1,6 @@
-"""Ensembles: validate, test and predict with several checkpoints average their
-class probabilities, each member at its own image size; members of other classes,
-or validated on other splits, are refused in one line.
+"""Ensembles: fer.py validate and test, and predict.py, given --checkpoint once per
+checkpoint, average the members' class probabilities, each member at its own image
+size; members of other classes, or validated on other splits, are refused in one line.
 
 Two tiny members: conftest's shared run (resnet34 at 32 px) and one more at 40 px
 with the same seed, so both hold out the same validation faces."""
@@ -9,8 +9,7 @@ import json
 import pytest
 import torch
 
-import fer
-from conftest import FAST, main_in_process
+from conftest import FAST, assert_error, main_in_process
 
 THREADS = ("--threads", "1")
 
@@ -36,7 +35,8 @@ def changed(path, dest, change):
 
 def predict_json(tmp_path, name, paths, *checkpoints):
     out = tmp_path / f"{name}.json"
-    code, _, err = main_in_process("predict.py", *paths, "--checkpoint", *checkpoints, "--tta", "flip",
+    repeated = [a for ckpt in checkpoints for a in ("--checkpoint", ckpt)]
+    code, _, err = main_in_process("predict.py", *paths, *repeated, "--tta", "flip",
                                    "--json", out, *THREADS)
     assert code == 0, err
     return json.loads(out.read_text())
@@ -63,7 +63,7 @@ def test_json_gives_the_ensembles_metrics_and_each_members(command, members, tin
     data = () if command == "validate" else ("--data", tiny_data)
     code, _, err = main_in_process("fer.py", command, "--checkpoint", a, *data, *THREADS, "--json", tmp_path / "a.json")
     assert code == 0, err
-    code, out, err = main_in_process("fer.py", command, "--checkpoint", a, b, *data, *THREADS, "--json", tmp_path / "ab.json")
+    code, out, err = main_in_process("fer.py", command, "--checkpoint", a, "--checkpoint", b, *data, *THREADS, "--json", tmp_path / "ab.json")
     assert code == 0, err
     alone, both = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("a", "ab"))
     assert "an ensemble of 2" in out and f"  {b}: resnet34 epoch" in out  # a line per member
@@ -82,8 +82,11 @@ def test_members_of_other_classes_are_refused(command, how, members, tiny_data, 
     a, _ = members
     classes = ["happy", "angry", "sad"] if how == "order" else ["angry", "happy", "sadness"]
     other = changed(a, tmp_path / "other.pt", lambda c: c.update(classes=classes))
-    paths, data = ((tiny_data / "test",), ()) if command == "predict" else ((), ("--data", tiny_data))
-    code, _, err = call_main("fer.py", command, *paths, "--checkpoint", a, other, *data, *THREADS)
+    if command == "predict":
+        code, _, err = call_main("predict.py", tiny_data / "test", "--checkpoint", a, "--checkpoint", other, *THREADS)
+    else:
+        code, _, err = call_main("fer.py", command, "--checkpoint", a, "--checkpoint", other, "--data", tiny_data,
+                                 *THREADS)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert f"{other} was trained on classes {classes}" in err and "same classes in the same order" in err
 
@@ -91,11 +94,11 @@ def test_members_of_other_classes_are_refused(command, how, members, tiny_data, 
 def test_validate_refuses_members_of_other_splits_and_test_takes_them(members, tiny_data, tmp_path, call_main):
     a, _ = members
     other = changed(a, tmp_path / "split1.pt", lambda c: c["args"].update(split_seed=1))
-    code, _, err = call_main("fer.py", "validate", "--checkpoint", a, other, *THREADS)
+    code, _, err = call_main("fer.py", "validate", "--checkpoint", a, "--checkpoint", other, *THREADS)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "with split seed 0" in err and "with split seed 1" in err, err
     assert "same --data, --val-fraction and --split-seed" in err
-    assert call_main("fer.py", "test", "--checkpoint", a, other, "--data", tiny_data, *THREADS)[0] == 0
+    assert call_main("fer.py", "test", "--checkpoint", a, "--checkpoint", other, "--data", tiny_data, *THREADS)[0] == 0
 
 
 def test_seeds_share_the_split_and_old_runs_split_by_their_seed(members, tmp_path, call_main):
@@ -104,17 +107,20 @@ def test_seeds_share_the_split_and_old_runs_split_by_their_seed(members, tmp_pat
     split by --seed, and are read so."""
     a, _ = members
     seed1 = changed(a, tmp_path / "seed1.pt", lambda c: c["args"].update(seed=1))
-    assert call_main("fer.py", "validate", "--checkpoint", a, seed1, *THREADS)[0] == 0
+    assert call_main("fer.py", "validate", "--checkpoint", a, "--checkpoint", seed1, *THREADS)[0] == 0
     old = changed(a, tmp_path / "old.pt", lambda c: (c["args"].pop("split_seed"), c["args"].update(seed=1)))
-    code, _, err = call_main("fer.py", "validate", "--checkpoint", a, old, *THREADS)
+    code, _, err = call_main("fer.py", "validate", "--checkpoint", a, "--checkpoint", old, *THREADS)
     assert code == 2 and "with split seed 1" in err, err
 
 
-def test_predict_says_where_the_paths_go(members, tiny_data, call_main):
-    """--checkpoint takes every path after it, so the images go first."""
-    code, _, err = call_main("predict.py", "--checkpoint", members[0], tiny_data / "test", *THREADS)
-    assert code == 2 and "no image files or folders given; give them before --checkpoint" in err, err
-    # an image after --checkpoint is named, before any checkpoint is read
-    face = next((tiny_data / "test" / "sad").iterdir())
-    code, _, err = call_main("predict.py", face, "--checkpoint", members[0], face, *THREADS)
-    assert code == 2 and f"--checkpoint got the image {face}; it takes every path after it" in err, err
+@pytest.mark.parametrize("command", ["validate", "test"])
+def test_a_list_after_checkpoint_says_to_repeat_it(command, members, tiny_data, call_main):
+    """--checkpoint takes one file per use: the old `--checkpoint a.pt b.pt` gets one
+    line that says to repeat it, before any checkpoint is read (predict.py's own
+    refusal: test_predict.py)."""
+    a, b = members
+    data = ("--data", tiny_data) if command == "test" else ()
+    code, out, err = call_main("fer.py", command, "--checkpoint", a, b, *data, *THREADS)
+    assert_error(code, err, f"unrecognized arguments: {b}", "--checkpoint takes one file: repeat it for an ensemble",
+                 "(--checkpoint a.pt --checkpoint b.pt)")
+    assert out == ""

@@ -636,7 +636,7 @@ def test_12_a_script_refuses_in_one_line_and_imports_each_module_once(case, tmp_
 
 def test_12_one_ferror_class_for_every_module():
     """The scripts and fer.py raise and catch the same FerError, common's."""
-    import bench, common, ferplus, pictures, prepare, runtime  # noqa: E401, F401
+    import bench, common, ferplus, prepare, runtime  # noqa: E401
     assert fer.FerError is common.FerError is predict.FerError is prepare.FerError is runtime.FerError
     assert ferplus.FerError is common.FerError and bench.fer is fer and predict.fer is fer
     assert set(SCRIPTS) == set(common.SCRIPTS)

@@ -1,4 +1,4 @@
-"""`fer.py prepare`: every public form of FER2013 -> fer5/ and fer2013/, and bad downloads refused.
+"""prepare.py: every public form of FER2013 -> fer5/ and fer2013/, and bad downloads refused.
 
 A tiny FER2013 is written here in each form (Kaggle's CSV, the ICML CSV, the
 image-folder copy, their archives), with a tiny manifest that picks fer5's faces
@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run_script
+import prepare as prepare_py
+from conftest import ENV, ROOT, assert_error, run_script
 
 CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")  # the CSV's codes 0-6
 FER5 = ("angry", "happy", "neutral", "sad", "surprise")
@@ -68,6 +69,7 @@ def fer2013(tmp_path_factory):
 
 
 def prepare(call_main, src, out, manifest):
+    """prepare.py SRC --out OUT --manifest MANIFEST, in this process."""
     return call_main("prepare.py", src, "--out", out, "--manifest", manifest)
 
 
@@ -192,7 +194,7 @@ def test_bad_csv_is_refused_in_one_line(case, fer2013, tmp_path, call_main):
     src = csv_with(root, tmp_path, edit)
     out = tmp_path / "data"
     code, _, err = prepare(call_main, src, out, root / "manifest.csv")
-    assert code == 2 and err.count("\n") == 1 and err.startswith("fer.py prepare: error: "), err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("prepare.py: error: "), err
     assert str(src) in err and all(n in err for n in needles), err
     assert not out.exists() or list(out.iterdir()) == []  # nothing half-written, no temporary folder
 
@@ -265,6 +267,27 @@ def test_refusal_has_no_traceback_subprocess(fer2013, tmp_path):
     src = csv_with(root, tmp_path, BAD_CSVS["emotion"][0])
     r = run_script("prepare.py", src, "--out", tmp_path / "data", "--manifest", root / "manifest.csv")
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert_error(r.returncode, r.stderr, "data row 4", "emotion '7' is not a code 0-6", prog="prepare.py")
+
+
+def test_the_csv_codes_are_fer2013s():
+    """The tiny CSV here numbers the classes as prepare.py reads FER2013's codes 0-6."""
+    assert prepare_py.FER2013_CLASSES == CLASSES
+    assert set(prepare_py.USAGE_FOLDERS) == set(USAGES)
+
+
+@pytest.mark.slow  # a Python of its own, to show that torch is never imported
+def test_prepare_runs_without_torch(fer2013, tmp_path):
+    """prepare.py needs Pillow alone: with every `import torch` failing, it still
+    writes fer5/ and fer2013/ from the CSV."""
+    (tmp_path / "no_torch" / "torch").mkdir(parents=True)
+    (tmp_path / "no_torch" / "torch" / "__init__.py").write_text("raise ImportError('no torch here')\n")
+    root, _, manifest = fer2013
+    r = run_script("prepare.py", root / "fer2013.csv", "--out", tmp_path / "data", "--manifest", root / "manifest.csv",
+                   env={**ENV, "PYTHONPATH": str(tmp_path / "no_torch")})
+    assert r.returncode == 0, r.stderr
+    assert len(files(tmp_path / "data" / "fer5")) == sum(m["fer2013_row"] != "" for m in manifest)
+    assert len(files(tmp_path / "data" / "fer2013")) == 28
 
 
 def test_the_shipped_manifest_defines_fer5():

@@ -1,8 +1,8 @@
 """What a training run leaves and shows: the run folder (best.pt, last.pt,
-history.csv, curves.png), the progress line, schedules of short runs, and recipes."""
+history.csv, curves.png), schedules of short runs, and recipes. (The progress line
+inside an epoch is runtime.py's: test_runtime.py.)"""
 import argparse
 import csv
-import io
 import json
 
 import pytest
@@ -48,32 +48,6 @@ def test_best_pt_keeps_what_evaluation_needs_and_last_pt_what_resume_needs(run, 
     assert call_main("fer.py", "test", "--checkpoint", run / "best.pt", "--data", tiny_data, "--threads", "1")[0] == 0
     code, _, err = call_main("fer.py", "train", "--resume", run / "best.pt")
     assert code == 2 and "no training state" in err and "last.pt" in err, err
-
-
-class Terminal(io.StringIO):
-    def isatty(self):
-        return True
-
-
-def test_progress_line_is_rewritten_in_place_on_a_terminal_only(monkeypatch):
-    clock = iter(range(100))
-    monkeypatch.setattr(fer.time, "time", lambda: float(next(clock)))  # one second a step
-    term = Terminal()
-    p = fer.Progress(steps=4, batch_size=8, stream=term)
-    for step in range(1, 5):
-        p.update(step, 2.0 / step)
-    p.close()
-    text = term.getvalue()
-    lines = text.split("\r")[1:]
-    assert len(lines) == 6 and lines[4].isspace() and lines[5] == ""  # four updates, then the line blanked
-    assert lines[0].strip() == "step 1/4       8 img/s  loss 2.0000     3 s left in the epoch"
-    assert lines[3].split()[:2] == ["step", "4/4"] and lines[3].rstrip().endswith("0 s left in the epoch")
-    assert "\n" not in text and len({len(line) for line in lines[:4]}) == 1  # padded: no leftovers
-    pipe = io.StringIO()  # a log file or CI: nothing at all
-    p = fer.Progress(steps=4, batch_size=8, stream=pipe)
-    p.update(4, 1.0)
-    p.close()
-    assert pipe.getvalue() == ""
 
 
 def rates_used(schedule, total_steps, lr=0.05):
@@ -139,24 +113,24 @@ def test_report_recipe_records_its_values_and_options_override_it(tiny_data, tmp
 
 
 def test_every_network_has_both_recipes_and_help_shows_them(capsys):
-    assert set(fer.RECIPES["ours"]) == set(fer.RECIPES["report"]) == set(fer.RECIPES["short"]) == set(fer.MODELS)
+    assert set(fer.RECIPES) == {"ours", "report"}
+    assert set(fer.RECIPES["ours"]) == set(fer.RECIPES["report"]) == set(fer.MODELS)
     table = fer.recipe_table()
     assert "resnet34   report  adam       0.0001  16     80      224   constant  crop 0.08-1, flip" in table
     assert "alexnet    report  adam       0.0002  32     100" in table
 
 
-def test_short_recipe_is_asked_for_and_recorded(tiny_data, tmp_path, call_main):
-    """--recipe short: ResNet34 at 48 px for 40 epochs, recorded in the checkpoint; the
-    default stays ours on every CPU (short loses validation Macro-F1, RESULTS.md)."""
-    code, _, err = call_main("fer.py", "train", "--data", tiny_data, "--recipe", "short", "--threads", "1", "--dry-run",
-                            "--out", tmp_path)
-    assert code == 0, err
-    a = fer.load_checkpoint(tmp_path / "last.pt")["args"]
-    assert (a["recipe"], a["image_size"], a["epochs"]) == ("short", 48, 40)
+def test_the_default_recipe_is_ours_and_short_is_gone(tmp_path, call_main):
+    """Without --recipe, ours: ResNet34 at 64 px for 60 epochs, on every CPU. The
+    short recipe (48 px, 40 epochs) was removed: --recipe short is refused in one
+    line before any work, as a choice argparse does not know."""
     chosen = fer.build_parser().parse_args(["train", "--device", "cpu"])
     fer.resolve_train_args(chosen)
-    assert (chosen.recipe, chosen.image_size, chosen.epochs) == ("ours", 64, 60)
-    assert fer.RECIPES["short"]["alexnet"] == fer.RECIPES["ours"]["alexnet"]
+    assert (chosen.recipe, chosen.model, chosen.image_size, chosen.epochs) == ("ours", "resnet34", 64, 60)
+    code, out, err = call_main("fer.py", "train", "--recipe", "short", "--out", tmp_path / "out")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("fer.py train: error: argument --recipe: invalid choice: 'short'"), err
+    assert out == "" and not (tmp_path / "out").exists()
 
 
 def test_readme_shows_the_recipes_as_train_help_does():
