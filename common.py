@@ -14,7 +14,7 @@ from pathlib import Path
 # torchvision's IMG_EXTENSIONS, here so that prepare.py runs without torch
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # The programs of this folder; each imports this module before torch.
-SCRIPTS = ("fer.py", "predict.py", "bench.py", "prepare.py", "export.py")
+SCRIPTS = ("fer.py", "predict.py", "bench.py", "prepare.py", "export.py", "optimism.py")
 
 
 def _interrupted_while_starting(*_):

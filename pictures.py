@@ -197,3 +197,20 @@ def draw_faces(photo, results):
         d.rectangle((tx, ty, tx + tw + 2 * pad, ty + th + 2 * pad), fill="firebrick")
         d.text((tx + pad, ty + pad), text, font=font, fill="white")
     return img
+
+
+def draw_watched(runs, width=480, height=300, font_size=14):
+    """One panel per run of `train --watch-test` [(name, history, kept epoch)]:
+    validation and test Macro-F1 by epoch, the epoch validation kept marked, side by
+    side (two panels a row), so what choosing on the test set would add shows as the gap
+    between the test curve's peak and its value at the mark."""
+    cols = min(2, len(runs))
+    rows = math.ceil(len(runs) / cols)
+    img = Image.new("RGB", (cols * width, rows * height), "white")
+    d, font = ImageDraw.Draw(img), load_font(font_size)
+    for k, (name, history, kept) in enumerate(runs):
+        x, y = (k % cols) * width, (k // cols) * height
+        series = [("val F1", [h["val_macro_f1"] for h in history], "darkorange"),
+                  ("test F1", [h["test_macro_f1"] for h in history], "steelblue")]
+        plot_panel(d, (x, y, x + width, y + height), [h["epoch"] for h in history], series, kept, name, font)
+    return img

