@@ -91,6 +91,27 @@ UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)
 SKIP_BAD = dict(action="store_true", default=None, help="leave out the pictures that cannot be decoded, counting "
                 "them and naming the first, instead of stopping at the first (default: off)")
 
+# --schedule plateau halves the rate once 6 epochs in a row bring no new best
+# validation Macro-F1 (torch cuts when the count exceeds the patience): on fer5's 500
+# validation faces the figure moves by about 0.02 from one epoch to the next mid-run
+# (epochs 21-45 of ResNet34's 60-epoch runs with Adam, batch 32 and no label
+# smoothing), so a shorter patience would cut on noise.
+PLATEAU = torch.optim.lr_scheduler.ReduceLROnPlateau
+PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.5, 5
+# The options that make a training run what it is: recorded in its checkpoints, kept by --resume.
+TRAIN_OPTIONS = ("model", "recipe", "epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay",
+                 "label_smoothing", "balanced", "image_size", "in_channels", "crop_scale", "rotation",
+                 "erasing", "mixup", "ema", "val_fraction", "split_seed", "seed", "pipeline", "skip_bad_images",
+                 "classes", "watch_test")
+# What a checkpoint's `args` records: the training options and where the run read and wrote.
+RUN_OPTIONS = TRAIN_OPTIONS + ("data", "out", "amp", "channels_last")
+# What `--resume` needs beyond CHECKPOINT_KEYS (best.pt and exports drop the first three).
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "epoch", "best_metric", "best_epoch", "history")
+# The command line's test-time views and help layout (RawDescription keeps the recipe table).
+TTA = dict(choices=["none", "flip", "tencrop"], default="none",
+           help="test-time augmentation: average softmax over the mirror image or ten crops (default: %(default)s)")
+FMT = dict(formatter_class=argparse.RawDescriptionHelpFormatter)  # keeps the help's tables as written
+
 
 # ----------------------------------------------------------------------------
 # Data: decoded once into a uint8 tensor, augmented per batch on tensors
@@ -546,15 +567,6 @@ def make_optimizer(model, name, lr, weight_decay):
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **fused)
 
 
-# --schedule plateau halves the rate once 6 epochs in a row bring no new best
-# validation Macro-F1 (torch cuts when the count exceeds the patience): on fer5's 500
-# validation faces the figure moves by about 0.02 from one epoch to the next mid-run
-# (epochs 21-45 of ResNet34's 60-epoch runs with Adam, batch 32 and no label
-# smoothing), so a shorter patience would cut on noise.
-PLATEAU = torch.optim.lr_scheduler.ReduceLROnPlateau
-PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.5, 5
-
-
 def make_scheduler(args, optimizer, total_steps):
     """Learning-rate schedule: onecycle (warm-up then cosine down), cosine or constant,
     stepped per batch; or plateau, stepped per epoch on validation Macro-F1."""
@@ -585,16 +597,6 @@ def class_weights(labels, num_classes):
 
 # ----------------------------------------------------------------------------
 # Commands: train, validate, test, export
-
-
-TRAIN_OPTIONS = ("model", "recipe", "epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay",
-                 "label_smoothing", "balanced", "image_size", "in_channels", "crop_scale", "rotation",
-                 "erasing", "mixup", "ema", "val_fraction", "split_seed", "seed", "pipeline", "skip_bad_images",
-                 "classes", "watch_test")
-# What a checkpoint's `args` records: the training options and where the run read and wrote.
-RUN_OPTIONS = TRAIN_OPTIONS + ("data", "out", "amp", "channels_last")
-# What `--resume` needs beyond CHECKPOINT_KEYS (best.pt and exports drop the first three).
-RESUME_KEYS = ("optimizer", "scheduler", "scaler", "epoch", "best_metric", "best_epoch", "history")
 
 
 def resolve_train_args(args):
@@ -1012,8 +1014,6 @@ def recipe_table():
     return "recipes (--recipe; an option given explicitly overrides its value):\n" + "\n".join(lines)
 
 
-FMT = dict(formatter_class=argparse.RawDescriptionHelpFormatter)  # keeps the help's tables as written
-
 def runtime_options(q):
     q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where to run; auto takes cuda, then mps, then cpu (default: %(default)s)")
@@ -1042,10 +1042,6 @@ def evaluation_options(q, data_help, data_default):
     q.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (default: print only)")
     q.add_argument("--skip-bad-images", **SKIP_BAD)
     runtime_options(q)
-
-
-TTA = dict(choices=["none", "flip", "tencrop"], default="none",
-           help="test-time augmentation: average softmax over the mirror image or ten crops (default: %(default)s)")
 
 
 def augmentation_options(t):

@@ -28,6 +28,22 @@ from runtime import log
 # five classes (4.8 times fer5's), better on validation than the fer5 checkpoints
 # (RESULTS.md, "The users' model"); the report's task keeps checkpoints/resnet34_fer5_224.pt.
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "googlenet_fer2013-5class_64.pt"
+# Faces in photos: an optional extra, so that the core needs torch and torchvision only.
+# OpenCV 4.x ships its Haar face cascades inside the wheel, so nothing is downloaded at
+# run time (5.0 no longer ships them, and its FaceDetectorYN needs a model file that is
+# not in the wheel). Of its four frontal-face cascades, alt found as many fer5 faces
+# pasted into photos as the best (default, alt2) with about a third fewer false boxes
+# (RESULTS.md, Faces in photos).
+DETECTOR_INSTALL = 'pip install "opencv-python-headless<5"'
+CASCADE = "haarcascade_frontalface_alt.xml"
+# FER2013's crops are a little wider than the box alt finds on them: on fer5 faces
+# pasted into photos at 160 px, the crop's side was a median 1.05 times the box's.
+FACE_MARGIN = 1.05
+# A picture is taken for a face crop (and classified whole) when it is no longer than
+# this on its longer side and no further from square than this ratio of its sides.
+CROP_MAX_SIDE, CROP_MAX_ASPECT = 256, 1.5
+
+
 def find_images(paths):
     """Image files of PATHs in order, each once; folders searched recursively."""
     files = []
@@ -37,7 +53,8 @@ def find_images(paths):
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
-                raise FerError(f"folder {p} has no images ({' '.join(IMG_EXTENSIONS)}); give a folder of pictures, or the pictures themselves")
+                raise FerError(f"folder {p} has no images ({' '.join(IMG_EXTENSIONS)}); "
+                               "give a folder of pictures, or the pictures themselves")
             files += found
         elif p.suffix.lower() == ".pt":  # the old `--checkpoint a.pt b.pt`: b.pt came here
             raise FerError(f"{p} is a checkpoint, not a picture; repeat --checkpoint for each checkpoint "
@@ -47,28 +64,6 @@ def find_images(paths):
         else:
             raise FerError(f"{p} does not exist; give image files or folders of images")
     return list(dict.fromkeys(files))  # a file given twice (or inside a given folder too) is one row
-
-
-# Faces in photos: an optional extra, so that the core needs torch and torchvision only.
-# OpenCV 4.x ships its Haar face cascades inside the wheel, so nothing is downloaded at
-# run time (5.0 no longer ships them, and its FaceDetectorYN needs a model file that is
-# not in the wheel). Of its four frontal-face cascades, alt found as many fer5 faces
-# pasted into photos as the best (default, alt2) with about a third fewer false boxes
-# (RESULTS.md, Faces in photos).
-DETECTOR_INSTALL = 'pip install "opencv-python-headless<5"'
-
-
-CASCADE = "haarcascade_frontalface_alt.xml"
-
-
-# FER2013's crops are a little wider than the box alt finds on them: on fer5 faces
-# pasted into photos at 160 px, the crop's side was a median 1.05 times the box's.
-FACE_MARGIN = 1.05
-
-
-# A picture is taken for a face crop (and classified whole) when it is no longer than
-# this on its longer side and no further from square than this ratio of its sides.
-CROP_MAX_SIDE, CROP_MAX_ASPECT = 256, 1.5
 
 
 def note(message):

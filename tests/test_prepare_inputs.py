@@ -176,7 +176,7 @@ def test_every_form_of_the_csv_is_streamed(fer, run):
     """A 6 MB CSV, in each form, is prepared holding well under a tenth of it in Python's
     memory at once: read a row at a time, never whole (the code before read every CSV
     whole, and Kaggle's nested fer2013.tar.gz whole, into memory)."""
-    rows = [(3, "Training")] * 700
+    rows = [(3, "Training")] * 800
     forms = csv_forms(fer, csv_text(rows))
     manifest = write_manifest(fer.root / "one.csv", [dict(fer.rows[0], **{"class": "happy", "fer2013_row": 5})])
     size = forms["plain"].stat().st_size
