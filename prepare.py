@@ -98,8 +98,8 @@ def damaged(where, e):
 
 def too_big(where, limit):
     size = f"{limit / 2**30:g} GB" if limit >= 2**30 else f"{limit / 2**20:g} MB"
-    return FerError(f"{where} is over the {size} limit once unpacked (FER2013's largest file is 287 MB, "
-                    f"its faces about 2 KB); this is not FER2013: {FIX_SOURCE}")
+    return FerError(f"{where} is over the {size} limit, counted unpacked (FER2013's largest file, fer2013.csv, "
+                    f"is 287 MB; its faces are about 2 KB); this is not FER2013: {FIX_SOURCE}")
 
 
 def unreadable(path, e, src):
