@@ -22,7 +22,7 @@ import torch.nn as nn
 from PIL import Image
 
 import fer
-from common import Parser, number
+from common import number
 from fer import (OURS, TRAIN_DEFAULTS, build_model, check_image_size, compute_loss,
                  load_faces, make_optimizer, pil_batches, predict_probs, scan_folder, tensor_batches)
 from nets import MODELS
@@ -176,8 +176,7 @@ def write_fake_folder(root, classes, n):
 
 
 def build_parser():
-    b = Parser(prog="bench.py", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+    b = common.script_parser("bench.py", __doc__)
     b.add_argument("--model", choices=sorted(MODELS), default="resnet34", help="network (default: %(default)s)")
     b.add_argument("--data", help="folder with train/<class>/ (default: random images made on the fly)")
     b.add_argument("--image-size", type=number(int, 1, fer.MAX_IMAGE_SIZE),
@@ -197,8 +196,7 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    return common.guard("bench.py", lambda: cmd_bench(args))
+    return common.run_script("bench.py", build_parser(), cmd_bench, argv)
 
 
 if __name__ == "__main__":

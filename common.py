@@ -141,6 +141,18 @@ def read_manifest(path):
     return rows
 
 
+def script_parser(prog, doc):
+    """A script's parser: the first paragraph of its docstring as the description,
+    the usage examples and tables of the help kept as written."""
+    return Parser(prog=prog, description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def run_script(prog, parser, command, argv=None):
+    """A script's main: parse ARGV, then `command(args)` under `guard`."""
+    args = parser.parse_args(argv)
+    return guard(prog, lambda: command(args))
+
+
 def guard(prog, run, interrupted=lambda: ""):
     """A script's body `run()` with the one-line form of every refusal: `PROG: error:
     <what is wrong>; <how to fix it>` and exit 2 for a FerError, `PROG: interrupted`

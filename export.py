@@ -6,10 +6,9 @@ networks load it into float32).
     python export.py --checkpoint runs/resnet34/best.pt --out resnet34_fer5_64.pt --half
 """
 import common  # first: it makes Ctrl-C while torch loads one line, not a traceback
-import argparse
 from pathlib import Path
 
-from common import Parser, check_writable
+from common import check_writable
 from runs import load_checkpoint, save_checkpoint, weights_only
 
 
@@ -24,8 +23,7 @@ def cmd_export(args):
 
 
 def build_parser():
-    e = Parser(prog="export.py", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+    e = common.script_parser("export.py", __doc__)
     e.add_argument("--checkpoint", required=True, help="a .pt file written by fer.py train")
     e.add_argument("--out", required=True, help="the file to write")
     e.add_argument("--half", action="store_true", help="store weights in float16, half the size (default: float32)")
@@ -33,8 +31,7 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    return common.guard("export.py", lambda: cmd_export(args))
+    return common.run_script("export.py", build_parser(), cmd_export, argv)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,11 @@ validation and test Macro-F1 by epoch, one panel a run.
     python optimism.py runs/report_resnet34 runs/report_alexnet --figure figures/report_recipe.png
 """
 import common  # first: it makes Ctrl-C while starting one line, not a traceback
-import argparse
 import csv
 from pathlib import Path
 
 import pictures
-from common import FerError, Parser, check_writable
+from common import FerError, check_writable
 
 WATCHED = ("epoch", "val_accuracy", "val_macro_f1", "seconds", "test_accuracy", "test_macro_f1")
 
@@ -63,16 +62,14 @@ def cmd_optimism(args):
 
 
 def build_parser():
-    p = Parser(prog="optimism.py", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.script_parser("optimism.py", __doc__)
     p.add_argument("runs", nargs="+", metavar="RUN", help="--out folders of `fer.py train --watch-test` runs")
     p.add_argument("--figure", metavar="PNG", help="also draw validation and test Macro-F1 by epoch (default: none)")
     return p
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    return common.guard("optimism.py", lambda: cmd_optimism(args))
+    return common.run_script("optimism.py", build_parser(), cmd_optimism, argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from PIL import Image
 
 import fer
 import pictures
-from common import IMG_EXTENSIONS, FerError, Parser, make_folder, number, write_json
+from common import IMG_EXTENSIONS, FerError, make_folder, number, write_json
 from fer import ensemble_arch, ensemble_probs, image_transform, member_dict, member_inputs, open_image, read_image
 from runtime import log
 
@@ -204,6 +204,7 @@ def log_prediction_table(results, classes):
 def cmd_predict(args):
     """Class probabilities of each image file (or each image in a folder), or of each
     face found in it (face_detector)."""
+    args.checkpoint = args.checkpoint or [DEFAULT_CHECKPOINT]
     files = find_images(args.paths)  # a wrong path fails before the model loads
     cascade = face_detector(args.detect)  # and so does --detect without OpenCV
     rt, members = fer.evaluation_setup(args)
@@ -238,8 +239,7 @@ def save_photos(save_dir, results):
 
 
 def build_parser():
-    r = Parser(prog="predict.py", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+    r = common.script_parser("predict.py", __doc__)
     r.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
     r.add_argument("--checkpoint", action="append", metavar="CKPT",
                    help="a .pt file written by fer.py train or export; repeat it for an ensemble, which averages "
@@ -266,9 +266,7 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    args.checkpoint = args.checkpoint or [DEFAULT_CHECKPOINT]
-    return common.guard("predict.py", lambda: cmd_predict(args))
+    return common.run_script("predict.py", build_parser(), cmd_predict, argv)
 
 
 if __name__ == "__main__":

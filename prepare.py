@@ -13,7 +13,6 @@ unpacked to disk; what cannot be read, or is not FER2013, is refused in one line
 before fer5/ or fer2013/ appear.
 """
 import common  # first: it makes Ctrl-C while starting one line, not a traceback
-import argparse
 import bz2
 import codecs
 import contextlib
@@ -37,7 +36,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from common import IMG_EXTENSIONS, MANIFEST, FerError, Parser, make_folder, read_manifest
+from common import IMG_EXTENSIONS, MANIFEST, FerError, make_folder, read_manifest
 
 # Limits on what a source may hold, so that a hostile or broken download (a zip bomb, a
 # file with no line breaks, an archive header that lies about sizes) is refused in one
@@ -649,8 +648,7 @@ def report(src, out, kind, seconds, counts, skipped):
 
 
 def build_parser():
-    p = Parser(prog="prepare.py", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.script_parser("prepare.py", __doc__)
     p.add_argument("src", metavar="SRC", help="fer2013.csv, icml_face_data.csv, the image-folder copy "
                    "(train/<class>/, test/<class>/) or the .zip / .tar.gz holding one of them")
     p.add_argument("--out", default="data", help="folder to write fer5/ and fer2013/ into (default: %(default)s)")
@@ -660,8 +658,7 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    return common.guard("prepare.py", lambda: cmd_prepare(args))
+    return common.run_script("prepare.py", build_parser(), cmd_prepare, argv)
 
 
 if __name__ == "__main__":
