@@ -69,7 +69,8 @@ def load_checkpoint(path):
     before any network is built, and what an older checkpoint lacks is filled in."""
     path = Path(path)
     if not path.is_file():
-        unfinished = path.parent.is_dir() and path.suffix == ".pt" and not any(path.parent.glob("*.pt"))
+        # an empty folder: the --out of a run stopped before its first epoch ended
+        unfinished = path.suffix == ".pt" and path.parent.is_dir() and not any(path.parent.iterdir())
         raise FerError(f"checkpoint {path} does not exist" + (
             f"; {path.parent} holds no checkpoint: its run stopped before its first epoch ended, so train again"
             if unfinished else "; give the .pt file written by `fer.py train`"))

@@ -1,9 +1,10 @@
 """Shared fixtures: the repository on sys.path, tiny image folders written by the
-tests, and the scripts (fer.py, predict.py, bench.py, prepare.py) run in this
-process or in a subprocess. Every helper that runs a script takes its file name
+tests, trained runs shared by every module (`tiny_run`, `dry_run`), and the scripts
+(fer.py, predict.py, bench.py, prepare.py, export.py, ...: common.SCRIPTS) run in
+this process or in a subprocess. Every helper that runs a script takes its file name
 first: `main_in_process("predict.py", face, "--checkpoint", ckpt)`,
-`run_script("prepare.py", src, "--out", out)`, `call_main("fer.py", "train", ...)`.
-
+`run_script("prepare.py", src, "--out", out)`, `call_main("fer.py", "train", ...)`,
+`cli("export.py", ...)` (both ways); `assert_error` checks a refusal's one line, and
 `train_cut` leaves a run as Ctrl-C does, for --resume.
 
 `python -m pytest -q` runs the quick tests (under a minute on two cores);
@@ -12,9 +13,11 @@ resume bit-exactness, the data in ../shared, torchrun, and each bad-input case
 once more as `python <script>` in a subprocess.
 """
 import contextlib
+import importlib
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,14 +28,12 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import bench  # noqa: E402  (needs ROOT on sys.path)
-import export  # noqa: E402
+import common  # noqa: E402  (needs ROOT on sys.path)
 import fer  # noqa: E402
-import predict  # noqa: E402
-import prepare  # noqa: E402
 
-# Each script of the repository and the module whose main(ARGS) runs it in this process.
-SCRIPTS = {"fer.py": fer, "predict.py": predict, "bench.py": bench, "prepare.py": prepare, "export.py": export}
+# Each script of the repository (common.SCRIPTS: fer.py, predict.py, bench.py,
+# prepare.py, export.py, ...) and the module whose main(ARGS) runs it in this process.
+SCRIPTS = {script: importlib.import_module(script.removesuffix(".py")) for script in common.SCRIPTS}
 CLASSES = ("angry", "happy", "sad")
 
 
@@ -100,7 +101,7 @@ def main_in_process(script, *args, cwd=None):
 
 def assert_error(code, err, *needles, status=2, prog="fer.py"):
     """Exit `status`, no traceback, and one line on stderr, from `prog` (`fer.py
-    COMMAND`, `predict.py`, `bench.py`, `prepare.py`, `export.py`), naming every needle."""
+    COMMAND`, `predict.py`, `bench.py`, ...), naming every needle."""
     assert code == status, err
     assert "Traceback" not in err, err
     lines = err.strip().splitlines()
@@ -125,6 +126,22 @@ def tiny_run(tiny_data, tmp_path_factory):
                                         "--threads", "1", "--out", out)
     assert code == 0, err
     return out, stdout
+
+
+@pytest.fixture(scope="session")
+def dry_run(tiny_data, tmp_path_factory):
+    """A --dry-run (a whole run of one epoch, its checkpoints marked as a dry run's) on
+    tiny_data's train/ alone, with no test/ folder beside it: it shows that train never
+    reads the test split, and its checkpoints are the earlier files that a later run in
+    the same --out may replace, and must leave intact when it fails. Its --out folder.
+    Batches of 7: 3 steps, the fewest onecycle takes (a step costs the same for 4 faces)."""
+    root = tmp_path_factory.mktemp("dry_run")
+    shutil.copytree(tiny_data / "train", root / "data" / "train")  # no test/ at all
+    out = root / "run"
+    code, _, err = main_in_process("fer.py", "train", "--data", root / "data", *FAST[:-1], "7", "--dry-run",
+                                   "--no-amp", "--threads", "1", "--out", out)
+    assert code == 0, err
+    return out
 
 
 def train_cut(*args, epochs_done=1):

@@ -39,6 +39,11 @@ EPOCHS = 2  # the shared run, conftest's `tiny_run`
 # uninterrupted one. Threads change the float sums: both use one thread.
 EPOCHS_7 = 3
 RUN_7 = (*FAST, "--epochs", str(EPOCHS_7), "--threads", "1")
+# FAST in batches of 7: 3 steps an epoch (21 training images), the fewest onecycle takes,
+# for the runs whose steps are not counted: a step of ResNet34 costs the same for 4 or 7 faces.
+FEWER_STEPS = (*FAST[:-1], "7")
+# (conftest's `dry_run`: the earlier checkpoints that a failing run in the same --out must
+# leave intact; train refuses an --out that holds a real run: tests/test_hostile.py.)
 
 
 # ----------------------------------------------------------------------------
@@ -70,18 +75,6 @@ def run(tiny_run):
     """One run, shared: its checkpoints feed the checkpoint cases."""
     out = tiny_run[0]
     assert fer.load_checkpoint(out / "last.pt")["epoch"] == EPOCHS
-    return out
-
-
-@pytest.fixture(scope="module")
-def dry_run(tiny_data, tmp_path_factory):
-    """A --dry-run's checkpoints (one epoch, marked as a dry run's): the earlier files
-    that a later run in the same --out may replace, and must leave intact when it fails.
-    (train refuses an --out that holds a real run: tests/test_hostile.py.)"""
-    out = tmp_path_factory.mktemp("dry_run")
-    code, _, err = main_in_process("fer.py", "train", "--data", tiny_data, *FAST, "--dry-run", "--no-amp",
-                                   "--threads", "1", "--out", out)
-    assert code == 0 and fer.load_checkpoint(out / "last.pt")["dry_run"], err
     return out
 
 
@@ -395,7 +388,8 @@ def test_7_interrupt_keeps_the_checkpoints_and_says_how_to_resume(tiny_data, tmp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fer, "train_one_epoch", interrupted)
-    code, _, err = call_main("fer.py", "train", "--data", tiny_data, "--out", out, *FAST, "--epochs", "2", "--threads", "1")
+    code, _, err = call_main("fer.py", "train", "--data", tiny_data, "--out", out, *FEWER_STEPS, "--epochs", "2",
+                             "--threads", "1")
     assert_error(code, err, f"interrupted; {out}/last.pt holds the last completed epoch",
                  f"--resume {out}/last.pt", status=130)
     assert epochs == [1, 2] and not list(out.glob(".*.tmp"))
@@ -484,6 +478,7 @@ def test_9_out_not_a_folder(tiny_data, tmp_path, cli):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow  # a training epoch; the quick half of case 9 is test_9_disk_full_in_save_checkpoint
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_9_disk_full_keeps_the_previous_checkpoint(dry_run, tiny_data, tmp_path, cli):
     """A real ENOSPC while training saves: the temporary file that fer.py writes
@@ -491,7 +486,8 @@ def test_9_disk_full_keeps_the_previous_checkpoint(dry_run, tiny_data, tmp_path,
     out = link_run(dry_run, tmp_path / "out")  # a dry run's checkpoints, which a new run may replace
     before = snapshot(out)
     (out / ".last.pt.tmp").symlink_to("/dev/full")
-    code, stdout, err = cli("fer.py", "train", "--data", tiny_data, "--out", out, *FAST, "--epochs", "1", "--threads", "1")
+    code, stdout, err = cli("fer.py", "train", "--data", tiny_data, "--out", out, *FEWER_STEPS, "--epochs", "1",
+                            "--threads", "1")
     assert_error(code, err, f"cannot write checkpoint {out / 'last.pt'}", "No space left on device",
                  "free disk space")
     assert "epoch   1/1" in stdout  # it failed while saving, not before
@@ -587,7 +583,7 @@ def test_11_a_photo_without_a_face_is_not_classified(run, tmp_path, cli):
 # exit status 2, no traceback; and no module of the repository is imported twice
 
 # What a refusal prints: the program, what is wrong, and (after "; ") how to fix it.
-REFUSAL = re.compile(r"(?P<prog>fer\.py [a-z]+|predict\.py|bench\.py|prepare\.py|export\.py): error: "
+REFUSAL = re.compile(r"(?P<prog>fer\.py [a-z]+|[a-z]+\.py): error: "
                      r"(?P<what>[^;\n]+); (?P<how>[^\n]+)\n")
 
 # sitecustomize runs before the script: at exit (sys.exit(2) included), it writes which
@@ -599,10 +595,16 @@ MODULES_AT_EXIT = """import atexit, json, os, sys
 from pathlib import Path
 
 def dump():
-    root = Path(os.environ["FER_REPO"]).resolve()
-    files = [(name, str(Path(m.__file__).resolve())) for name, m in list(sys.modules.items())
-             if getattr(m, "__file__", None) and Path(m.__file__).resolve().parent == root]
-    Path(os.environ["FER_MODULES"]).write_text(json.dumps(dict(files=files, torch="torch" in sys.modules)))
+    # Each module object once, with every name it has in sys.modules (multiprocessing
+    # names __main__ __mp_main__ too: one module, two names, not a second import).
+    # __main__ loses __file__ once its script returns: its loader still knows the path.
+    root, modules = Path(os.environ["FER_REPO"]).resolve(), {}
+    for name, m in list(sys.modules.items()):
+        file = getattr(m, "__file__", None) or getattr(getattr(m, "__loader__", None), "path", None)
+        if isinstance(file, str) and Path(file).resolve().parent == root:
+            modules.setdefault(id(m), [[], str(Path(file).resolve())])[0].append(name)
+    Path(os.environ["FER_MODULES"]).write_text(json.dumps(dict(modules=list(modules.values()),
+                                                               torch="torch" in sys.modules)))
 
 atexit.register(dump)
 """
@@ -629,10 +631,18 @@ def script_refusals(tmp_path):
         "export.py": ("export.py", ("--checkpoint", tmp_path / "nowhere" / "best.pt", "--out", tmp_path / "out.pt"),
                       "export.py", f"checkpoint {tmp_path / 'nowhere' / 'best.pt'} does not exist",
                       "give the .pt file written by `fer.py train`"),
+        "optimism.py": ("optimism.py", (tmp_path / "nowhere",), "optimism.py",
+                        f"cannot read {tmp_path / 'nowhere' / 'history.csv'}",
+                        "give the --out folder of a `fer.py train` run"),
     }
 
 
-CASES_12 = ["fer.py", "predict.py", "predict.py, from fer.py", "bench.py", "prepare.py", "export.py"]
+CASES_12 = ["fer.py", "predict.py", "predict.py, from fer.py", "bench.py", "prepare.py", "export.py", "optimism.py"]
+
+
+def test_12_every_script_has_its_refusal_case(tmp_path):
+    """Each script that common.SCRIPTS lists is run by the subprocess test below."""
+    assert {script for script, *_ in script_refusals(tmp_path).values()} == set(SCRIPTS)
 
 
 @pytest.mark.slow  # a Python (and, but for prepare.py, torch) of its own per script
@@ -650,12 +660,28 @@ def test_12_a_script_refuses_in_one_line_and_imports_each_module_once(case, tmp_
     assert what in m["what"] and how in m["how"], r.stderr
     assert not any((tmp_path / name).exists() for name in ("out", "data", "out.pt"))
     at_exit = json.loads((tmp_path / "modules.json").read_text())
-    loaded = at_exit["files"]
-    files = [f for _, f in loaded]
-    assert len(files) == len(set(files)), loaded  # each file of the repository loaded once
-    assert ["__main__", str(ROOT / script)] in loaded and "common" in dict(loaded)
+    files = [f for _, f in at_exit["modules"]]
+    assert len(files) == len(set(files)), at_exit  # each file of the repository loaded once
+    names = {name: f for aliases, f in at_exit["modules"] for name in aliases}
+    assert names["__main__"] == str(ROOT / script) and "common" in names, at_exit
     if script == "prepare.py":  # it needs no torch: neither torch nor a module that imports it is loaded
-        assert not at_exit["torch"] and not {"fer", "runtime", "pictures", "nets"} & set(dict(loaded)), at_exit
+        assert not at_exit["torch"] and not {"fer", "runtime", "pictures", "nets"} & names.keys(), at_exit
+
+
+@pytest.mark.slow  # a Python of its own (no torch: a fraction of a second)
+def test_12_the_check_sees_a_script_imported_twice(tmp_path):
+    """The control of the test above: a script that imports itself by name is loaded
+    twice, as __main__ and as itself, and the sitecustomize dump shows its file twice."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(MODULES_AT_EXIT)
+    (tmp_path / "twice.py").write_text("import twice\n")
+    env = {**ENV, "PYTHONPATH": str(tmp_path / "site"), "FER_REPO": str(tmp_path),
+           "FER_MODULES": str(tmp_path / "modules.json")}
+    r = subprocess.run([sys.executable, str(tmp_path / "twice.py")], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    files = [f for _, f in json.loads((tmp_path / "modules.json").read_text())["modules"]]
+    assert files == [str(tmp_path / "twice.py")] * 2
 
 
 def test_12_one_ferror_class_for_every_module():
@@ -664,4 +690,4 @@ def test_12_one_ferror_class_for_every_module():
     assert fer.FerError is common.FerError is predict.FerError is prepare.FerError is runtime.FerError
     assert ferplus.FerError is runs.FerError is export.common.FerError is common.FerError
     assert bench.fer is fer and predict.fer is fer
-    assert set(SCRIPTS) == set(common.SCRIPTS)
+    assert all(module.FerError is common.FerError for module in SCRIPTS.values() if hasattr(module, "FerError"))

@@ -11,11 +11,18 @@ import fer
 from conftest import FAST, train_cut
 
 
-def test_train_on_some_class_folders(tiny_data, tmp_path, call_main):
-    out = tmp_path / "run"
-    code, _, err = call_main("fer.py", "train", "--data", tiny_data, *FAST, "--epochs", "1", "--no-amp", "--threads", "1",
-                            "--classes", "sad,angry", "--out", out)
-    assert code == 0, err
+@pytest.fixture(scope="module")
+def two_classes(tiny_data, tmp_path_factory):
+    """A run of 2 epochs on two of the three class folders, stopped as by Ctrl-C after
+    the first: its best.pt to score, its last.pt to resume (elsewhere: it stays as it is)."""
+    out = tmp_path_factory.mktemp("two_classes")
+    train_cut("--data", tiny_data, *FAST, "--epochs", "2", "--no-amp", "--threads", "1", "--classes", "sad,angry",
+              "--out", out)
+    return out
+
+
+def test_train_on_some_class_folders(two_classes, tiny_data, tmp_path, call_main):
+    out = two_classes
     ckpt = fer.load_checkpoint(out / "best.pt")
     assert ckpt["classes"] == ["angry", "sad"] and ckpt["args"]["classes"] == ["sad", "angry"]
     assert ckpt["state_dict"]["fc.weight"].shape[0] == 2
@@ -33,13 +40,15 @@ def test_train_on_some_class_folders(tiny_data, tmp_path, call_main):
     assert code == 2 and "has no class folder sad" in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_classes_resume_with_the_run(tiny_data, tmp_path, call_main):
-    out = tmp_path / "run"
-    train_cut("--data", tiny_data, *FAST, "--epochs", "2", "--no-amp", "--threads", "1", "--classes", "angry,happy",
-              "--out", out)  # stopped as by Ctrl-C after epoch 1
-    code, text, err = call_main("fer.py", "train", "--resume", out / "last.pt", "--threads", "1")
-    assert code == 0 and "of 2 classes (angry, happy)" in text and "epoch   2/2" in text, err
-    assert fer.load_checkpoint(out / "last.pt")["classes"] == ["angry", "happy"]
+def test_classes_resume_with_the_run(two_classes, tmp_path, call_main):
+    """--resume trains on the run's classes, as its checkpoint says; here into another
+    --out, so the module's run stays as it is."""
+    out = tmp_path / "resumed"
+    code, text, err = call_main("fer.py", "train", "--resume", two_classes / "last.pt", "--out", out, "--threads", "1")
+    assert code == 0 and "of 2 classes (angry, sad)" in text and "epoch   2/2" in text, err
+    resumed = fer.load_checkpoint(out / "last.pt")
+    assert resumed["classes"] == ["angry", "sad"] and resumed["args"]["classes"] == ["sad", "angry"]
+    assert resumed["epoch"] == 2 and fer.load_checkpoint(two_classes / "last.pt")["epoch"] == 1
 
 
 @pytest.mark.parametrize("value, message", [

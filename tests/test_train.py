@@ -17,15 +17,9 @@ FAST = ("--model", "resnet34", "--image-size", "32", "--batch-size", "4", "--thr
 
 
 @pytest.fixture(scope="module")
-def run(tiny_data, tmp_path_factory):
-    """Three epochs on the tiny data, in this process: the run folder and stdout."""
-    out = tmp_path_factory.mktemp("run")
-    threads = torch.get_num_threads()
-    try:
-        fer.main(["train", "--data", str(tiny_data), *FAST, "--epochs", "3", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
-    return out
+def run(tiny_run):
+    """conftest's two-epoch run on the tiny data, read only: its run folder."""
+    return tiny_run[0]
 
 
 def test_run_folder_holds_history_and_curves(run):
@@ -33,7 +27,7 @@ def test_run_folder_holds_history_and_curves(run):
     with open(run / "history.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["epoch", "loss", "val_accuracy", "val_macro_f1", "lr", "seconds"]
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
     for r, h in zip(rows, last["history"]):
         assert all(float(r[k]) == pytest.approx(h[k], rel=1e-5) for k in runs.HISTORY_COLUMNS)
     with Image.open(run / "curves.png") as img:
@@ -100,19 +94,19 @@ def test_logged_rate_is_the_last_steps(tiny_data, tmp_path, call_main):
 
 def test_report_recipe_records_its_values_and_options_override_it(tiny_data, tmp_path, call_main):
     code, _, err = call_main("fer.py", "train", "--data", tiny_data, "--recipe", "report", "--model", "googlenet",
-                            "--image-size", "64", "--threads", "1", "--dry-run", "--out", tmp_path)
+                            "--image-size", "32", "--threads", "1", "--dry-run", "--out", tmp_path)
     assert code == 0, err
     last = fer.load_checkpoint(tmp_path / "last.pt")
     a = last["args"]
-    assert a["recipe"] == "report" and a["image_size"] == 64  # given explicitly: wins over 224
+    assert a["recipe"] == "report" and a["image_size"] == 32  # given explicitly: wins over 224
     report = dict(optimizer="adam", lr=3e-4, batch_size=32, epochs=100, schedule="constant", weight_decay=0.0,
                   label_smoothing=0.0, crop_scale=0.08, rotation=0.0, erasing=0.0)
     # a dry run is a whole run of one epoch: every value of the recipe but its 100 epochs
     assert {k: a[k] for k in report} == {**report, "epochs": 1} and last["dry_run"]
     chosen = fer.build_parser().parse_args(["train", "--recipe", "report", "--model", "googlenet",
-                                            "--image-size", "64"])
+                                            "--image-size", "32"])
     fer.resolve_train_args(chosen)
-    assert {k: getattr(chosen, k) for k in report} == report and chosen.image_size == 64
+    assert {k: getattr(chosen, k) for k in report} == report and chosen.image_size == 32
     # validate needs nothing retyped; --resume refuses a recipe it would ignore
     assert call_main("fer.py", "validate", "--checkpoint", tmp_path / "best.pt", "--threads", "1")[0] == 0
     code, _, err = call_main("fer.py", "train", "--resume", tmp_path / "last.pt", "--recipe", "ours")
@@ -152,7 +146,7 @@ def state_dicts_equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("winner", ["ema", "raw"])
+@pytest.mark.parametrize("winner", ["ema", pytest.param("raw", marks=pytest.mark.slow)])  # a run each
 def test_ema_best_pt_keeps_the_weights_that_validated_better(winner, tiny_data, tmp_path, monkeypatch, call_main):
     """With --ema each epoch validates the raw weights, then the averaged ones. The
     validation is rigged so that `winner` scores perfectly and the other not at all:
@@ -167,14 +161,15 @@ def test_ema_best_pt_keeps_the_weights_that_validated_better(winner, tiny_data, 
         return cm.sum(1).diag() if wins else cm.sum(1).diag().roll(1, 1)  # all right, or all wrong
 
     monkeypatch.setattr(fer, "evaluate", rigged)
-    code, out, err = call_main("fer.py", "train", "--data", tiny_data, *FAST, "--epochs", "1", "--no-amp", "--ema", "0.5",
-                              "--out", tmp_path)
+    # batches of 7: 3 steps (21 training images), the fewest onecycle takes
+    code, out, err = call_main("fer.py", "train", "--data", tiny_data, *FAST, "--batch-size", "7", "--epochs", "1",
+                               "--no-amp", "--ema", "0.5", "--out", tmp_path)
     monkeypatch.setattr(fer, "evaluate", real)
     assert code == 0, err
     assert "ema acc" in out and len(seen) == 2
     best, last = fer.load_checkpoint(tmp_path / "best.pt"), fer.load_checkpoint(tmp_path / "last.pt")
     average = {k.removeprefix("module."): v for k, v in last["ema"].items() if k != "n_averaged"}
-    assert last["ema"]["n_averaged"] == 5 and not state_dicts_equal(average, last["state_dict"])  # 5 steps
+    assert last["ema"]["n_averaged"] == 3 and not state_dicts_equal(average, last["state_dict"])  # 3 steps
     assert last["weights"] == "raw" and best["weights"] == winner and "ema" not in best
     assert state_dicts_equal(best["state_dict"], average if winner == "ema" else last["state_dict"])
     assert best["best_metric"] == best["val_metrics"]["macro_f1"] == 1.0
@@ -190,21 +185,27 @@ def test_ema_best_pt_keeps_the_weights_that_validated_better(winner, tiny_data, 
     assert json.loads((tmp_path / "val.json").read_text())["confusion_matrix"] == scored.tolist()
 
 
-def test_ema_leaves_the_raw_run_as_it_was(tiny_data, tmp_path, call_main):
+@pytest.mark.slow  # a two-epoch run with --ema
+def test_ema_leaves_the_raw_run_as_it_was(tiny_run, tiny_data, tmp_path, call_main):
     """The average only reads the weights: a run with --ema trains the raw network step
     for step as the run without it, and its best_raw.pt is that run's best.pt. So one
-    run measures the recipe with and without the average."""
+    run measures the recipe with and without the average. The run without it is
+    conftest's tiny_run, which has these very options."""
     args = ("--data", tiny_data, *FAST, "--epochs", "2", "--no-amp")
-    assert call_main("fer.py", "train", *args, "--out", tmp_path / "plain")[0] == 0
+    plain_out = tiny_run[0]
+    run_args = fer.load_checkpoint(plain_out / "last.pt")["args"]
+    assert {k: run_args[k] for k in ("data", "model", "image_size", "batch_size", "epochs", "amp", "ema")} == dict(
+        data=str(tiny_data), model="resnet34", image_size=32, batch_size=4, epochs=2, amp=False, ema=None)
     assert call_main("fer.py", "train", *args, "--ema", "0.5", "--out", tmp_path / "ema")[0] == 0
-    plain, ema = (fer.load_checkpoint(tmp_path / d / "last.pt") for d in ("plain", "ema"))
+    plain, ema = (fer.load_checkpoint(d / "last.pt") for d in (plain_out, tmp_path / "ema"))
     assert state_dicts_equal(plain["state_dict"], ema["state_dict"])
     assert [h["val_macro_f1"] for h in plain["history"]] == [h["val_macro_f1"] for h in ema["history"]]
-    best, best_raw = (fer.load_checkpoint(tmp_path / p) for p in ("plain/best.pt", "ema/best_raw.pt"))
+    best, best_raw = (fer.load_checkpoint(p) for p in (plain_out / "best.pt", tmp_path / "ema" / "best_raw.pt"))
     assert best["epoch"] == best_raw["epoch"] and state_dicts_equal(best["state_dict"], best_raw["state_dict"])
-    assert not (tmp_path / "plain" / "best_raw.pt").exists()
+    assert not (plain_out / "best_raw.pt").exists()
 
 
+@pytest.mark.slow  # two runs
 def test_seed_leaves_the_validation_split_to_split_seed(tiny_data, tmp_path, monkeypatch, call_main):
     """--seed changes the initialisation and the batches, never which faces are held
     out: train and validate split by --split-seed, which the checkpoint records."""
@@ -221,10 +222,11 @@ def test_seed_leaves_the_validation_split_to_split_seed(tiny_data, tmp_path, mon
         assert fer.load_checkpoint(out / "best.pt")["args"]["split_seed"] == int(split or 0)
 
 
+@pytest.mark.slow  # two two-epoch runs
 def test_watch_test_is_written_down_and_never_chooses(tiny_data, tmp_path, monkeypatch, call_main):
     """--watch-test scores DATA/test after every epoch into history.csv, and nothing
     else. The evaluation is rigged so that validation prefers epoch 1 and the test
-    split epoch 3: the run with the option keeps epoch 1, with the same best.pt and
+    split epoch 2: the run with the option keeps epoch 1, with the same best.pt and
     last.pt weights as the run without it, and its history shows what the test split
     would have chosen."""
     real = fer.evaluate
@@ -233,32 +235,33 @@ def test_watch_test_is_written_down_and_never_chooses(tiny_data, tmp_path, monke
         cm = real(model, faces, idx, rt, batch_size)
         epoch = len(rigged.seen[faces.files[0]]) + 1 if faces.files[0] in rigged.seen else 1
         rigged.seen.setdefault(faces.files[0], []).append(epoch)
-        wins = epoch == (3 if "/test/" in faces.files[0].replace("\\", "/") else 1)
+        wins = epoch == (2 if "/test/" in faces.files[0].replace("\\", "/") else 1)
         return cm.sum(1).diag() if wins else cm.sum(1).diag().roll(1, 1)  # all right, or all wrong
 
     monkeypatch.setattr(fer, "evaluate", rigged)
-    runs = {}
+    results = {}
     for watch in (False, True):
         rigged.seen = {}
         out = tmp_path / f"watch{watch}"
-        code, stdout, err = call_main("fer.py", "train", "--data", tiny_data, *FAST, "--epochs", "3", "--no-amp",
+        code, stdout, err = call_main("fer.py", "train", "--data", tiny_data, *FAST, "--epochs", "2", "--no-amp",
                                      *(("--watch-test",) if watch else ()), "--out", out)
         assert code == 0, err
         assert len(rigged.seen) == 1 + watch  # the test split is read only with the option
-        runs[watch] = [fer.load_checkpoint(out / p) for p in ("best.pt", "last.pt")] + [stdout, out]
+        results[watch] = [fer.load_checkpoint(out / p) for p in ("best.pt", "last.pt")] + [stdout, out]
     monkeypatch.setattr(fer, "evaluate", real)
-    (best0, last0, _, _), (best1, last1, stdout, out) = runs[False], runs[True]
+    (best0, last0, _, _), (best1, last1, stdout, out) = results[False], results[True]
     assert best0["epoch"] == best1["epoch"] == last1["best_epoch"] == 1
     assert state_dicts_equal(best0["state_dict"], best1["state_dict"])
     assert state_dicts_equal(last0["state_dict"], last1["state_dict"])
     assert last1["args"]["watch_test"] is True and last0["args"]["watch_test"] is False
     with open(out / "history.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [float(r["test_accuracy"]) for r in rows] == [0.0, 0.0, 1.0]  # the test split would choose epoch 3
-    assert [float(r["val_accuracy"]) for r in rows] == [1.0, 0.0, 0.0]
-    assert stdout.count("watched, not used: test acc") == 3
+    assert [float(r["test_accuracy"]) for r in rows] == [0.0, 1.0]  # the test split would choose epoch 2
+    assert [float(r["val_accuracy"]) for r in rows] == [1.0, 0.0]
+    assert stdout.count("watched, not used: test acc") == 2
 
 
+@pytest.mark.slow  # a run cut after one epoch, then resumed
 def test_watch_test_is_kept_on_resume(tiny_data, tmp_path, call_main):
     """--resume continues a --watch-test run with it, and refuses the option given again."""
     args = ("--data", tiny_data, *FAST, "--no-amp", "--out", tmp_path)
