@@ -147,9 +147,10 @@ def script_parser(prog, doc):
     return Parser(prog=prog, description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def run_script(prog, parser, command, argv=None):
-    """A script's main: parse ARGV, then `command(args)` under `guard`."""
-    args = parser.parse_args(argv)
+def run_script(prog, parser, command, argv=None, intermixed=False):
+    """A script's main: parse ARGV, then `command(args)` under `guard`. `intermixed`:
+    positional arguments may stand on both sides of the options (predict's pictures)."""
+    args = parser.parse_intermixed_args(argv) if intermixed else parser.parse_args(argv)
     return guard(prog, lambda: command(args))
 
 

@@ -890,7 +890,7 @@ def split_folder(data, split):
     """DATA/SPLIT, which must be a folder; the default DATA is written by `prepare`."""
     folder = Path(data) / split
     if not folder.is_dir():
-        hint = (f"; `python fer.py prepare FER2013-DOWNLOAD` writes {DEFAULT_DATA}, or give --data DIR"
+        hint = (f"; `python prepare.py FER2013-DOWNLOAD` writes {DEFAULT_DATA}, or give --data DIR"
                 if data == DEFAULT_DATA else "")
         raise FerError(f"{folder} not found; --data DIR must hold DIR/{split}/<class>/ image folders{hint}")
     return folder

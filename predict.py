@@ -266,7 +266,7 @@ def build_parser():
 
 
 def main(argv=None):
-    return common.run_script("predict.py", build_parser(), cmd_predict, argv)
+    return common.run_script("predict.py", build_parser(), cmd_predict, argv, intermixed=True)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ only, history.csv, curves.png), and how every command loads a checkpoint: safely
 sizes checked before a network is built, older checkpoints filled in, and another
 run's folder never overwritten."""
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -93,8 +94,10 @@ def unreadable(path, e):
     """The error for a file torch.load refused: unsafe (pickled code or pickle features
     the weights-only loader does not run), or damaged."""
     text = str(e)
-    fix = "use the .pt file written by `fer.py train` or `fer.py export`"
-    if "GLOBAL" in text or "Unsupported global" in text or "Unsupported operand" in text:
+    fix = "use the .pt file written by `fer.py train` or `export.py`"
+    with open(path, "rb") as f:  # a pickle starts with its PROTO opcode, torch's zip format with PK
+        pickled = f.read(2) in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or zipfile.is_zipfile(path)
+    if "GLOBAL" in text or "Unsupported global" in text or (pickled and "Unsupported operand" in text):
         what = text.split("GLOBAL", 1)[1].split()[0] if "GLOBAL" in text else "pickle opcodes it does not run"
         return FerError(f"{path} was refused as unsafe: it holds pickled Python code ({what}), which weights_only "
                         f"loading never runs, so none of it ran; {fix}")
@@ -108,7 +111,7 @@ def unreadable(path, e):
 def check_checkpoint(ckpt, path):
     """Refuse a checkpoint whose fields no network here can use, before anything is built
     from them (an absurd image size would allocate gigabytes first)."""
-    fix = "use the .pt file written by `fer.py train` or `fer.py export`"
+    fix = "use the .pt file written by `fer.py train` or `export.py`"
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise FerError(f"{path} is not a fer checkpoint (it lacks {', '.join(missing)}); {fix}")

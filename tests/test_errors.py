@@ -101,14 +101,7 @@ def test_1_data_without_test(run, tmp_path, cli):
     assert snapshot(run) == before
 
 
-# fer.py's split_folder still names `python fer.py prepare`, which is gone: prepare is
-# its own script now. Strict: once the hint names prepare.py, drop the mark.
-STALE_PREPARE_HINT = pytest.mark.xfail(strict=True, reason="fer.py split_folder's hint says `python fer.py "
-                                       "prepare`; it should say `python prepare.py` (reported, not a test bug)")
-
-
-@pytest.mark.parametrize("case", ["file", "no_train", pytest.param("no_data_option", marks=STALE_PREPARE_HINT),
-                                  pytest.param("test_no_data_option", marks=STALE_PREPARE_HINT),
+@pytest.mark.parametrize("case", ["file", "no_train", "no_data_option", "test_no_data_option",
                                   "validate_no_train", "test_missing"])
 def test_1_data_layouts(case, run, tmp_path, call_main, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no data/fer5 here: the default --data is missing
@@ -224,14 +217,7 @@ def test_4_truncated_checkpoint(run, tiny_data, tmp_path, cli):
     assert snapshot(tmp_path) == before
 
 
-# runs.unreadable reads torch's "Unsupported operand" as pickled code; random bytes
-# raise it too (opcode 0 is no pickle opcode at all). Strict: drop the mark once fixed.
-GARBAGE_CALLED_CODE = pytest.mark.xfail(strict=True, reason="runs.unreadable calls random bytes 'pickled Python "
-                                        "code' (torch's 'Unsupported operand 0'); they are a damaged file (reported)")
-
-
-@pytest.mark.parametrize("case", ["missing", "text", "empty", pytest.param("random_bytes", marks=GARBAGE_CALLED_CODE),
-                                  "tensor", "no_classes", "weights_of_another_network"])
+@pytest.mark.parametrize("case", ["missing", "text", "empty", "random_bytes", "tensor", "no_classes", "weights_of_another_network"])
 def test_4_not_a_checkpoint(case, ckpt, tiny_data, tmp_path, call_main):
     path = tmp_path / f"{case}.pt"
     needles = ("not a readable checkpoint",)

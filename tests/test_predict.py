@@ -149,6 +149,13 @@ def test_repeated_checkpoint_is_an_ensemble(tiny_run, tiny_data, tmp_path, call_
     assert [p["file"] for p in result["predictions"]] == [str(face)]
 
 
+def test_pictures_may_stand_on_both_sides_of_the_options(tiny_run, tiny_data, tmp_path, call_main):
+    faces = [tiny_data / "test" / c / "000.jpg" for c in ("sad", "happy")]
+    result = predict_json(call_main, tmp_path, faces[0], "--checkpoint", tiny_run[0] / "best.pt", faces[1])
+    assert [p["file"] for p in result["predictions"]] == [str(f) for f in faces]
+    assert [m["checkpoint"] for m in result["members"]] == [str(tiny_run[0] / "best.pt")]
+
+
 @pytest.mark.parametrize("order", ["checkpoints first", "paths first"])
 def test_a_checkpoint_among_the_paths_says_to_repeat_checkpoint(order, tiny_run, tiny_data, call_main):
     """The old `--checkpoint a.pt b.pt`, either side of the images: one line that says to
@@ -157,10 +164,9 @@ def test_a_checkpoint_among_the_paths_says_to_repeat_checkpoint(order, tiny_run,
     face = tiny_data / "test" / "sad" / "000.jpg"
     if order == "checkpoints first":  # b.pt lands among the PATHs
         code, out, err = call_main("predict.py", "--checkpoint", a, b, face, *THREADS)
-        needles = (f"{b} is a checkpoint, not a picture", "repeat --checkpoint", f"--checkpoint a.pt --checkpoint {b}")
-    else:  # after the PATHs, argparse has no place for b.pt
+    else:  # pictures stand on both sides of the options: b.pt is taken for one too
         code, out, err = call_main("predict.py", face, "--checkpoint", a, b, *THREADS)
-        needles = (f"unrecognized arguments: {b}", "--checkpoint takes one file: repeat it for an ensemble")
+    needles = (f"{b} is a checkpoint, not a picture", "repeat --checkpoint", f"--checkpoint a.pt --checkpoint {b}")
     assert_error(code, err, *needles, prog="predict.py")
     assert out == ""
 
