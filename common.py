@@ -67,6 +67,7 @@ def write_file(path, write, what="", option="path"):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # --json out/p.json beside --save-dir out
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
@@ -95,10 +96,7 @@ def check_writable(path, option, folder=False):
                            f"{'folder' if folder else 'file'} path, or choose another {option}")
         target = path if folder else path.parent
     else:
-        target = next(p for p in path.absolute().parents if p.exists())
-        if not folder and target != path.absolute().parent:
-            raise FerError(f"the folder of {option} {path} does not exist; create {path.parent} "
-                           f"or choose another {option}")
+        target = next(p for p in path.absolute().parents if p.exists())  # write_file makes the rest
         if not target.is_dir():
             raise FerError(f"cannot create {option} {path}: {target} is a file; choose another {option}")
     if not os.access(target, os.W_OK):

@@ -920,6 +920,9 @@ def cmd_validate(args):
     data, val_fraction, seed = validation_split(members, args.data)
     # the split is drawn from the faces training decoded: leave out what it left out
     skip_bad = args.skip_bad_images or any(m.ckpt["args"]["skip_bad_images"] for m in members)
+    if args.data is None and not (Path(data) / "train").is_dir():  # trained on another machine
+        raise FerError(f"{members[0].path} was trained on {data}, which is not here; give --data DIR, the folder "
+                       f"it trained on (after prepare.py, {DEFAULT_DATA})")
     train_dir = split_folder(data, "train")
     faces_by_input = decode_for(members, train_dir, skip_bad)
     faces = faces_by_input[members[0].input]
@@ -1018,7 +1021,7 @@ def runtime_options(q):
     q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where to run; auto takes cuda, then mps, then cpu (default: %(default)s)")
     q.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="mixed precision: bfloat16 (float16 + grad scaling on GPUs without bf16); "
+                   help="mixed precision: bfloat16 (float16 on GPUs without bf16, with grad scaling in training); "
                         "default: on for cuda, and on cpu when it has native bf16 instructions")
     q.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory layout (default: on for cpu and cuda)")
@@ -1029,7 +1032,7 @@ def runtime_options(q):
 def workers_option(q):
     """--workers, on the commands whose loader reads it (the report's PIL pipeline)."""
     q.add_argument("--workers", type=number(int, 0), default=2,
-                   help="DataLoader processes for --pipeline pil (default: %(default)s)")
+                   help="DataLoader processes of the report's PIL pipeline (default: %(default)s)")
 
 
 def evaluation_options(q, data_help, data_default):
@@ -1172,7 +1175,9 @@ def resume_hint(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:  # argparse would blame `fer.py`: the command's parser says it, naming the command
+        Parser(prog=f"fer.py {args.command}").error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return common.guard(f"fer.py {args.command}", lambda: args.func(args), lambda: resume_hint(args))
     finally:

@@ -28,8 +28,14 @@ def test_export_half_keeps_the_weights_only_in_float16(tiny_run, tiny_data, tmp_
 
 
 def test_export_checks_its_output_before_reading_the_checkpoint(tiny_run, tmp_path, call_main):
-    code, out, err = call_main("export.py", "--checkpoint", tiny_run[0] / "best.pt",
-                               "--out", tmp_path / "missing" / "model.pt")
-    assert_error(code, err, f"the folder of --out {tmp_path / 'missing' / 'model.pt'} does not exist",
-                 f"create {tmp_path / 'missing'}", prog="export.py")
-    assert out == "" and not (tmp_path / "missing").exists()
+    (tmp_path / "afile").write_text("a file where a folder is needed")
+    code, out, err = call_main("export.py", "--checkpoint", tmp_path / "missing.pt",
+                               "--out", tmp_path / "afile" / "model.pt")
+    assert_error(code, err, f"cannot create --out {tmp_path / 'afile' / 'model.pt'}", "is a file", prog="export.py")
+    assert out == "" and (tmp_path / "afile").read_text() == "a file where a folder is needed"
+
+
+def test_export_makes_the_folders_of_its_output(tiny_run, tmp_path, call_main):
+    code, _, err = call_main("export.py", "--checkpoint", tiny_run[0] / "best.pt", "--out", tmp_path / "a" / "b.pt")
+    assert code == 0, err
+    assert (tmp_path / "a" / "b.pt").is_file()
