@@ -44,11 +44,10 @@ def choices(history):
 def cmd_optimism(args):
     if args.figure:
         check_writable(args.figure, "--figure")
-    panels = []
+    panels, histories = [], [read_history(run) for run in args.runs]  # all refusals before any output
     print(f"{'run':<28} {'epochs':>6} {'train min':>9}  {'val chose':>9} {'test acc':>8} {'test F1':>7}  "
           f"{'test chose':>10} {'test acc':>8} {'test F1':>7}  {'+acc':>6} {'+F1':>6}")
-    for run in args.runs:
-        history = read_history(run)
+    for run, history in zip(args.runs, histories):
         val, test = choices(history)
         minutes = sum(h["seconds"] for h in history) / 60
         print(f"{Path(run).name:<28} {len(history):>6} {minutes:>9.0f}  {val['epoch']:>9} {val['test_accuracy']:>8.3f} "
