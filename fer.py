@@ -694,6 +694,10 @@ def training_setup(args, faces, train_idx, rt):
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     weight = class_weights(faces.labels[train_idx], len(faces.classes)).to(rt.device) if args.balanced else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
+    # last.pt also holds the optimiser's state (SGD's momentum, Adam's two moments) and the average
+    mb = sum(v.numel() * v.element_size() for v in raw_model.state_dict().values()) / 1e6
+    copies = 1 + (1 if args.optimizer == "sgd" else 2) + (args.ema is not None)
+    log(f"{args.out}/ gets best.pt (about {mb:.0f} MB) and last.pt (about {copies * mb:.0f} MB), replaced each epoch")
     return model, raw_model, optimizer, scheduler, scaler, criterion, steps
 
 
