@@ -265,17 +265,22 @@ def test_image_over_the_limits_is_refused(fer, run, monkeypatch):
 # 2. Every input read right, or refused: text
 
 
+def assert_reads_like(run, fer, src, plain):
+    """prepare on `src` writes the same faces as on the plain form `plain` of its data."""
+    code, _, err = prep(run, fer, src)
+    assert code == 0, err
+    code, _, err = run(plain, "--out", fer.root / "plain_out", "--manifest", fer.manifest)
+    assert code == 0, err
+    for d in ("fer5", "fer2013"):
+        assert files(fer.out / d) and same_faces(fer.out / d, fer.root / "plain_out" / d)
+
+
 def test_csv_with_byte_order_mark_and_crlf_reads_like_the_plain_one(fer, run):
     """As a spreadsheet program saves it: a UTF-8 byte-order mark and \\r\\n line ends."""
     src = fer.root / "excel" / "fer2013.csv"
     src.parent.mkdir()
     src.write_bytes(b"\xef\xbb\xbf" + csv_text(end="\r\n").encode())
-    code, _, err = prep(run, fer, src)
-    assert code == 0, err
-    code, _, err = run(fer.csv, "--out", fer.root / "plain_out", "--manifest", fer.manifest)
-    assert code == 0, err
-    for d in ("fer5", "fer2013"):
-        assert files(fer.out / d) and same_faces(fer.out / d, fer.root / "plain_out" / d)
+    assert_reads_like(run, fer, src, fer.csv)
 
 
 def test_csv_not_in_utf8_is_refused_with_its_row(fer, run):
@@ -465,12 +470,7 @@ def test_zip_with_backslashes_and_macos_files_reads_like_the_folder(fer, run):
     members.update({f"__MACOSX/{f.rsplit('/', 1)[0]}/._{f.rsplit('/', 1)[1]}": b"\0\5\26\7" for f in images})
     members["train/happy/._Training_1009.jpg"] = b"\0\5\26\7 AppleDouble"
     src = in_zip(fer.root / "images.zip", members)
-    code, _, err = prep(run, fer, src)
-    assert code == 0, err
-    code, _, err = run(fer.images, "--out", fer.root / "folder_out", "--manifest", fer.manifest)
-    assert code == 0, err
-    for d in ("fer5", "fer2013"):
-        assert files(fer.out / d) and same_faces(fer.out / d, fer.root / "folder_out" / d)
+    assert_reads_like(run, fer, src, fer.images)
 
 
 def test_archive_that_is_a_web_page_is_named(fer, run):
