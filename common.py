@@ -15,6 +15,8 @@ from pathlib import Path
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # The programs of this folder; each imports this module before torch.
 SCRIPTS = ("fer.py", "predict.py", "bench.py", "prepare.py", "export.py", "optimism.py")
+# The fer5 split, face by face (file, SHA-256, fer2013.csv row): shipped beside fer.py.
+MANIFEST = Path(__file__).resolve().parent / "data" / "fer5_manifest.csv"
 
 
 def _interrupted_while_starting(*_):
@@ -110,10 +112,6 @@ def make_folder(path, option):
     except OSError as e:
         reason = "a file has that name" if isinstance(e, FileExistsError) else e.strerror
         raise FerError(f"cannot create {option} folder {path} ({reason}); choose another {option}") from None
-
-
-# The fer5 split, face by face (file, SHA-256, fer2013.csv row): shipped beside fer.py.
-MANIFEST = Path(__file__).resolve().parent / "data" / "fer5_manifest.csv"
 
 
 def read_manifest(path):
