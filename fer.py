@@ -596,7 +596,7 @@ def class_weights(labels, num_classes):
 
 
 # ----------------------------------------------------------------------------
-# Commands: train, validate, test, export
+# Commands: train, validate, test
 
 
 def resolve_train_args(args):
@@ -1041,7 +1041,7 @@ def workers_option(q):
 
 def evaluation_options(q, data_help, data_default):
     q.add_argument("--checkpoint", action="append", required=True, metavar="CKPT",
-                   help="a .pt file written by train or export; repeat it for an ensemble, which averages the "
+                   help="a .pt file written by train or export.py; repeat it for an ensemble, which averages the "
                         "class probabilities, each network at its own image size")
     q.add_argument("--data", default=data_default,
                    help=f"{data_help} (default: {data_default or 'the --data the checkpoint was trained with'})")
