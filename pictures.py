@@ -110,7 +110,10 @@ def plot_panel(d, box, xs, series, mark, title, font):
     d.text(((left + right) / 2 - 18, bottom + 24), "epoch", font=font, fill="dimgray")
     if mark in xs:
         d.line((px(mark), top, px(mark), bottom), fill="darkgray", width=1)
-        d.text((px(mark) + 4, bottom - 20), f"kept: epoch {mark}", font=font, fill="dimgray")
+        label = f"kept: epoch {mark}"
+        width = d.textlength(label, font=font)
+        x = px(mark) + 4 if px(mark) + 4 + width <= right else px(mark) - 4 - width  # whole, at the right edge too
+        d.text((x, bottom - 20), label, font=font, fill="dimgray")
     for j, (name, ys, colour) in enumerate(series):
         points = [(px(x), py(y)) for x, y in zip(xs, ys)]
         if len(points) > 1:
