@@ -40,7 +40,8 @@ import metrics
 import pictures
 from runs import MAX_IMAGE_SIZE, check_out, load_checkpoint, save_run, weights_only
 from runtime import Progress, describe_device, log, setup_runtime
-from common import IMG_EXTENSIONS, MANIFEST, FerError, Parser, check_writable, make_folder, number, write_json
+from common import (IMG_EXTENSIONS, MANIFEST, UNREADABLE_IMAGE, FerError, Parser, check_writable, make_folder,
+                    number, write_json)
 from nets import MODELS
 
 # Per-network defaults of `train`: the recipes of the results in the README. All
@@ -84,9 +85,6 @@ MEAN, STD = 0.5, 0.5
 AUX_WEIGHT = 0.3
 # What `train` and `test` read when no --data is given: what `prepare` writes.
 DEFAULT_DATA = "data/fer5"
-# What Pillow raises for a picture it cannot decode (a damaged file, a mode that
-# cannot become RGB or L, a decompression bomb): --skip-bad-images leaves those out.
-UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)
 # --skip-bad-images means the same on every command that reads pictures.
 SKIP_BAD = dict(action="store_true", default=None, help="leave out the pictures that cannot be decoded, counting "
                 "them and naming the first, instead of stopping at the first (default: off)")
@@ -212,7 +210,7 @@ def load_faces(root, size, in_channels, skip_bad=False, limit=None, classes=None
         try:
             images.append(read_image(path, size, in_channels))
             kept.append((path, label))
-        except UNREADABLE as e:
+        except UNREADABLE_IMAGE as e:
             if not skip_bad:
                 raise FerError(f"cannot read image {path} ({e}); delete it or pass --skip-bad-images")
             bad.append(path)

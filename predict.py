@@ -144,7 +144,7 @@ def read_faces(files, cascade, detect, inputs, skip_bad=False):
         try:
             photo, boxes = faces_to_classify(f, cascade, detect)
             decoded = {key: [face_image(f, photo, box, *key) for box in boxes] for key in images}
-        except fer.UNREADABLE as e:
+        except common.UNREADABLE_IMAGE as e:
             if not skip_bad:
                 raise FerError(f"cannot read image {f} ({e}); remove it, or pass --skip-bad-images") from None
             bad.append(f)

@@ -25,7 +25,6 @@ import lzma
 import os
 import shutil
 import stat
-import struct
 import tarfile
 import tempfile
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from common import IMG_EXTENSIONS, MANIFEST, FerError, make_folder, read_manifest
+from common import IMG_EXTENSIONS, UNREADABLE_IMAGE, MANIFEST, FerError, make_folder, read_manifest
 
 # Limits on what a source may hold, so that a hostile or broken download (a zip bomb, a
 # file with no line breaks, an archive header that lies about sizes) is refused in one
@@ -85,9 +84,6 @@ TAR_COMPRESSIONS = {b"\x1f\x8b": lambda f: gzip.GzipFile(fileobj=f), b"BZh": bz2
                     b"\xfd7zXZ\x00": lzma.LZMAFile}
 # What a damaged or cut-off download raises, when opened or when a member is read.
 DAMAGED = (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error, lzma.LZMAError)
-# What Pillow raises on a damaged image (SyntaxError and struct.error from some damaged PNGs and TIFFs).
-BAD_IMAGE = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError,
-             Image.DecompressionBombWarning)
 
 
 def damaged(where, e):
@@ -521,7 +517,7 @@ def check_image(where, data):
                     raise FerError(f"{where} is {img.width}x{img.height} pixels, and FER2013's faces are 48x48; "
                                    "this is not FER2013's image-folder copy: download it again")
                 img.load()
-    except BAD_IMAGE as e:
+    except UNREADABLE_IMAGE as e:
         raise FerError(f"cannot read image {where} ({e}); the download is damaged: download it again") from None
 
 
