@@ -12,19 +12,12 @@ import sys
 from contextlib import suppress
 from pathlib import Path
 
-from PIL import Image
-
 # torchvision's IMG_EXTENSIONS, here so that prepare.py runs without torch
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # The programs of this folder; each imports this module before torch.
 SCRIPTS = ("fer.py", "predict.py", "bench.py", "prepare.py", "export.py", "optimism.py")
 # The fer5 split, face by face (file, SHA-256, fer2013.csv row): shipped beside fer.py.
 MANIFEST = Path(__file__).resolve().parent / "data" / "fer5_manifest.csv"
-# What Pillow raises for a picture it cannot decode (a damaged file, SyntaxError and
-# struct.error from some damaged PNGs and TIFFs, a mode that cannot become RGB or L, a
-# decompression bomb): every command refuses those, or leaves them out with --skip-bad-images.
-UNREADABLE_IMAGE = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError,
-                    Image.DecompressionBombWarning)
 
 
 def _interrupted_while_starting(*_):
@@ -38,6 +31,14 @@ def _interrupted_while_starting(*_):
 _main = Path(getattr(sys.modules.get("__main__"), "__file__", None) or ".").resolve()
 if _main.parent == Path(__file__).resolve().parent and _main.name in SCRIPTS:
     signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+from PIL import Image  # noqa: E402  (after the handler: Pillow, too, takes a moment to load)
+
+# What Pillow raises for a picture it cannot decode (a damaged file, SyntaxError and
+# struct.error from some damaged PNGs and TIFFs, a mode that cannot become RGB or L, a
+# decompression bomb): every command refuses those, or leaves them out with --skip-bad-images.
+UNREADABLE_IMAGE = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError,
+                    Image.DecompressionBombWarning)
 
 
 class FerError(Exception):
